@@ -1,0 +1,107 @@
+"""Server settings: defaults, then WCMS_* environment variables, then an explicit mapping."""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+from wcms.protocol import PRESETS, PresenceMode, PresenceTiming
+
+
+class ConfigError(ValueError):
+    """A setting has a value the server cannot use; the message names it."""
+
+
+@dataclass(frozen=True)
+class Settings:
+    data_dir: Path = Path("var")
+    database_url: str = ""  # empty: a SQLite file in data_dir
+    host: str = "0.0.0.0"
+    port: int = 5050
+    secret_key: str = ""  # empty: generated once and kept in data_dir/secret_key
+    presence_mode: PresenceMode = PresenceMode.STANDARD
+    # Explicit overrides of the preset (seconds); None keeps the preset's value.
+    heartbeat_interval: float | None = None
+    poll_timeout: float | None = None
+    offline_after: float | None = None
+    check_interval: float | None = None
+    flush_interval: float = 1.0  # heartbeats are written in batches this often
+    metrics_sample_interval: float = 60.0  # one history sample per PC at most this often
+    metrics_retention_days: int = 14
+    events_retention_days: int = 365
+    pin_failures_per_minute: int = 10  # wrong PINs one address may send (burst 30)
+    trusted_proxies: int = 0  # how many X-Forwarded-For hops to trust (0: none)
+    background: bool = True  # run the presence checker and the heartbeat writer
+    log_level: str = "INFO"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        return self.database_url or f"sqlite:///{(self.data_dir / 'wcms.db').resolve()}"
+
+    def timing(self, mode: PresenceMode | None = None) -> PresenceTiming:
+        """The preset of `mode` (default: the configured one) with explicit overrides applied."""
+        base = PRESETS[mode or self.presence_mode]
+        overrides = {
+            f.name: getattr(self, f.name)
+            for f in fields(PresenceTiming)
+            if getattr(self, f.name) is not None
+        }
+        return replace(base, **overrides)
+
+
+def _convert(name: str, kind: Any, raw: str) -> Any:
+    try:
+        if kind in (bool, "bool"):
+            if raw.lower() not in {"1", "0", "true", "false", "yes", "no", "on", "off"}:
+                raise ValueError(raw)
+            return raw.lower() in {"1", "true", "yes", "on"}
+        if kind in (int, "int"):
+            return int(raw)
+        if kind in (float, "float", "float | None"):
+            value = float(raw)
+            if value <= 0:
+                raise ValueError(raw)
+            return value
+        if kind in (Path, "Path"):
+            return Path(raw)
+        if kind in (PresenceMode, "PresenceMode"):
+            return PresenceMode(raw)
+    except ValueError:
+        raise ConfigError(f"WCMS_{name.upper()}={raw!r} is not a valid value") from None
+    return raw
+
+
+def load_settings(overrides: dict[str, Any] | None = None) -> Settings:
+    """Build settings from the environment, then apply `overrides` (tests, CLI flags)."""
+    values: dict[str, Any] = {}
+    for f in fields(Settings):
+        raw = os.environ.get(f"WCMS_{f.name.upper()}")
+        if raw is not None and raw != "" and f.name != "extra":
+            values[f.name] = _convert(f.name, f.type, raw)
+    values.update(overrides or {})
+    settings = Settings(**values)
+    if settings.port < 1 or settings.port > 65535:
+        raise ConfigError(f"WCMS_PORT={settings.port} is out of range")
+    return settings
+
+
+def ensure_secret_key(settings: Settings) -> str:
+    """Return the configured secret, or one generated once and kept (mode 600) in data_dir."""
+    if settings.secret_key:
+        return settings.secret_key
+    path = settings.data_dir / "secret_key"
+    if path.exists():
+        return path.read_text().strip()
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    key = secrets.token_urlsafe(48)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:  # another process won the race; use its key
+        return path.read_text().strip()
+    with os.fdopen(fd, "w") as fh:
+        fh.write(key + "\n")
+    return key

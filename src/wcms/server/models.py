@@ -1,0 +1,202 @@
+"""SQLAlchemy 2.0 models. The schema itself is built by the Alembic migrations, never create_all."""
+
+from __future__ import annotations
+
+import datetime as dt
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    CheckConstraint,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import Mapped, mapped_column, relationship
+
+from wcms.server.db import Base, UTCDateTime, utcnow
+
+
+class Room(Base):
+    __tablename__ = "rooms"
+    __table_args__ = (
+        CheckConstraint("rows >= 1 AND rows <= 50", name="rows_range"),
+        CheckConstraint("cols >= 1 AND cols <= 50", name="cols_range"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(100), unique=True)
+    rows: Mapped[int] = mapped_column(Integer)
+    cols: Mapped[int] = mapped_column(Integer)
+    active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    pcs: Mapped[list[PcInfo]] = relationship(back_populates="room")
+
+
+class PcInfo(Base):
+    """One lab PC (the seed's `pc_info`); presence is state, reason, state_since, offline_after."""
+
+    __tablename__ = "pc_info"
+    __table_args__ = (
+        UniqueConstraint("room_id", "seat_row", "seat_col", name="uq_pc_info_seat"),
+        Index("ix_pc_info_offline_after", "offline_after"),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    machine_id: Mapped[str] = mapped_column(String(128), unique=True)
+    hostname: Mapped[str] = mapped_column(String(255))
+    mac_addresses: Mapped[list[str]] = mapped_column(JSON, default=list)
+    ip_address: Mapped[str | None] = mapped_column(String(64))
+    os_name: Mapped[str | None] = mapped_column(String(255))
+    os_version: Mapped[str | None] = mapped_column(String(255))
+    os_edition: Mapped[str | None] = mapped_column(String(255))
+    cpu_model: Mapped[str | None] = mapped_column(String(255))
+    cpu_cores: Mapped[int | None] = mapped_column(Integer)
+    cpu_threads: Mapped[int | None] = mapped_column(Integer)
+    ram_total: Mapped[int | None] = mapped_column(BigInteger)
+    disks: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    client_version: Mapped[str | None] = mapped_column(String(32))
+    current_user: Mapped[str | None] = mapped_column(String(255))
+    boot_time: Mapped[float | None] = mapped_column(Float)
+
+    is_online: Mapped[bool] = mapped_column(Boolean, default=True)
+    state: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str] = mapped_column(String(32))
+    state_since: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    last_seen: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    # The next deadline: offline with reason `lost` once it passes; NULL while offline.
+    offline_after: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+
+    room_id: Mapped[int | None] = mapped_column(ForeignKey("rooms.id", ondelete="SET NULL"))
+    seat_row: Mapped[int | None] = mapped_column(Integer)
+    seat_col: Mapped[int | None] = mapped_column(Integer)
+    registered_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+    room: Mapped[Room | None] = relationship(back_populates="pcs")
+
+
+class PcCredential(Base):
+    """The PC's bearer token, kept only as its SHA-256; one live token per PC."""
+
+    __tablename__ = "pc_credentials"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    pc_id: Mapped[int] = mapped_column(ForeignKey("pc_info.id", ondelete="CASCADE"), unique=True)
+    token_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+
+
+class PcMetrics(Base):
+    """The latest reported load of a PC, one row per PC, overwritten in batches."""
+
+    __tablename__ = "pc_metrics"
+
+    pc_id: Mapped[int] = mapped_column(
+        ForeignKey("pc_info.id", ondelete="CASCADE"), primary_key=True
+    )
+    at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    cpu_percent: Mapped[float | None] = mapped_column(Float)
+    ram_used: Mapped[int | None] = mapped_column(BigInteger)
+    ram_percent: Mapped[float | None] = mapped_column(Float)
+    uptime: Mapped[float | None] = mapped_column(Float)
+    disks: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
+    processes: Mapped[list[str]] = mapped_column(JSON, default=list)
+
+
+class MetricSample(Base):
+    """A sampled history of load (at most one row per PC per sample interval), kept N days."""
+
+    __tablename__ = "metric_samples"
+    __table_args__ = (Index("ix_metric_samples_pc_at", "pc_id", "at"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    pc_id: Mapped[int] = mapped_column(ForeignKey("pc_info.id", ondelete="CASCADE"))
+    at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    cpu_percent: Mapped[float | None] = mapped_column(Float)
+    ram_percent: Mapped[float | None] = mapped_column(Float)
+
+
+class PowerEvent(Base):
+    """One row per presence change of a PC: from, to, reason, at."""
+
+    __tablename__ = "power_events"
+    __table_args__ = (Index("ix_power_events_pc_at", "pc_id", "at"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    pc_id: Mapped[int] = mapped_column(ForeignKey("pc_info.id", ondelete="CASCADE"))
+    from_state: Mapped[str | None] = mapped_column(String(16))
+    to_state: Mapped[str] = mapped_column(String(16))
+    reason: Mapped[str] = mapped_column(String(32))
+    at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+
+
+class Admin(Base):
+    __tablename__ = "admins"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    username: Mapped[str] = mapped_column(String(64), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(255))
+    is_active: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_login_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+
+
+class ApiKey(Base):
+    """A key for automation (Bearer on the admin API), kept only as its SHA-256."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(100))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)
+    prefix: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    last_used_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+
+
+class RegistrationPin(Base):
+    """A 6-digit registration PIN, kept as an HMAC under the server's secret key."""
+
+    __tablename__ = "registration_pins"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    pin_hmac: Mapped[str] = mapped_column(String(64), index=True)
+    hint: Mapped[str] = mapped_column(String(8))  # last two digits, for the admin's list
+    multi_use: Mapped[bool] = mapped_column(Boolean, default=False)
+    uses: Mapped[int] = mapped_column(Integer, default=0)
+    created_by: Mapped[str] = mapped_column(String(100))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+
+
+class AuditLog(Base):
+    """Who did what to which PCs, and when. Secrets are never written here."""
+
+    __tablename__ = "audit_log"
+    __table_args__ = (Index("ix_audit_log_at", "at"),)
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    actor: Mapped[str] = mapped_column(String(100))
+    action: Mapped[str] = mapped_column(String(64))
+    target: Mapped[str | None] = mapped_column(String(255))
+    details: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    ip: Mapped[str | None] = mapped_column(String(64))
+
+
+class Setting(Base):
+    """Settings an admin changes at run time (e.g. the presence mode)."""
+
+    __tablename__ = "settings"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)

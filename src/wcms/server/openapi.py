@@ -1,0 +1,138 @@
+"""The OpenAPI 3.1 document, built from the routes themselves and their pydantic models.
+
+Every API view carries `@documented(...)`; the document walks the app's URL map, so a route
+cannot exist without appearing here (a test checks that every /api route is documented).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, Literal, TypeVar
+
+from flask import current_app
+from pydantic import BaseModel
+
+from wcms import __version__
+
+Auth = Literal["none", "pc", "admin"]
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass(frozen=True)
+class Doc:
+    summary: str
+    auth: Auth
+    tag: str
+    body: type[BaseModel] | None = None
+    ok: int = 200
+    errors: tuple[int, ...] = ()
+    query: dict[str, str] = field(default_factory=dict)  # name -> description
+
+
+def documented(
+    summary: str,
+    *,
+    auth: Auth,
+    tag: str,
+    body: type[BaseModel] | None = None,
+    ok: int = 200,
+    errors: tuple[int, ...] = (),
+    query: dict[str, str] | None = None,
+) -> Callable[[F], F]:
+    def mark(fn: F) -> F:
+        fn.__openapi__ = Doc(summary, auth, tag, body, ok, errors, query or {})  # type: ignore[attr-defined]
+        return fn
+
+    return mark
+
+
+_ERROR_SCHEMA = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["code", "message"],
+            "properties": {
+                "code": {"type": "string"},
+                "message": {"type": "string"},
+                "fields": {"type": "object", "additionalProperties": {"type": "string"}},
+            },
+        }
+    },
+}
+
+_STANDARD_ERRORS = {
+    "pc": (400, 401, 403, 413, 415),
+    "admin": (400, 401, 403, 404),
+    "none": (),
+}
+
+
+def _path(rule: str) -> tuple[str, list[dict[str, Any]]]:
+    params = []
+    for conv, name in re.findall(r"<(?:(\w+):)?(\w+)>", rule):
+        kind = "integer" if conv == "int" else "string"
+        params.append({"name": name, "in": "path", "required": True, "schema": {"type": kind}})
+    return re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule), params
+
+
+def openapi_document() -> dict[str, Any]:
+    paths: dict[str, dict[str, Any]] = {}
+    schemas: dict[str, Any] = {"Error": _ERROR_SCHEMA}
+    for rule in current_app.url_map.iter_rules():
+        doc: Doc | None = getattr(current_app.view_functions[rule.endpoint], "__openapi__", None)
+        if doc is None:
+            continue
+        path, params = _path(rule.rule)
+        for method in sorted((rule.methods or set()) - {"HEAD", "OPTIONS"}):
+            paths.setdefault(path, {})[method.lower()] = _operation(doc, params, schemas)
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "WCMS", "version": __version__},
+        "paths": dict(sorted(paths.items())),
+        "components": {
+            "schemas": schemas,
+            "securitySchemes": {
+                "pcToken": {"type": "http", "scheme": "bearer", "description": "PC token"},
+                "apiKey": {"type": "http", "scheme": "bearer", "description": "admin API key"},
+                "session": {"type": "apiKey", "in": "cookie", "name": "wcms_session"},
+            },
+        },
+    }
+
+
+def _operation(doc: Doc, params: list[dict[str, Any]], schemas: dict[str, Any]) -> dict[str, Any]:
+    op: dict[str, Any] = {"summary": doc.summary, "tags": [doc.tag]}
+    query = [
+        {"name": n, "in": "query", "required": False, "description": d, "schema": {}}
+        for n, d in doc.query.items()
+    ]
+    if params or query:
+        op["parameters"] = params + query
+    if doc.body is not None:
+        ref = "#/components/schemas/{model}"
+        schema = doc.body.model_json_schema(ref_template=ref)
+        for name, sub in schema.pop("$defs", {}).items():
+            schemas[name] = sub
+        schemas[doc.body.__name__] = schema
+        op["requestBody"] = {
+            "required": True,
+            "content": {
+                "application/json": {"schema": {"$ref": ref.format(model=doc.body.__name__)}}
+            },
+        }
+    responses: dict[str, Any] = {str(doc.ok): {"description": "OK"}}
+    for status in sorted(set(_STANDARD_ERRORS[doc.auth]) | set(doc.errors)):
+        responses[str(status)] = {
+            "description": "error",
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
+        }
+    op["responses"] = responses
+    if doc.auth == "pc":
+        op["security"] = [{"pcToken": []}]
+    elif doc.auth == "admin":
+        op["security"] = [{"apiKey": []}, {"session": []}]
+    return op

@@ -1,0 +1,56 @@
+"""The production server: gunicorn with one gevent worker, built for thousands of idle
+long-poll connections in one process (see docs/ARCHITECTURE.md for why one worker)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from gunicorn.app.base import BaseApplication
+
+from wcms.server.config import Settings
+
+
+class _Gunicorn(BaseApplication):  # type: ignore[misc]
+    def __init__(self, settings: Settings, options: dict[str, Any]) -> None:
+        self.settings = settings
+        self.options = options
+        super().__init__()
+
+    def load_config(self) -> None:
+        for key, value in self.options.items():
+            if key in self.cfg.settings:  # settings differ between gunicorn releases
+                self.cfg.set(key, value)
+
+    def load(self) -> Any:
+        # Imported in the worker, after gevent has patched the standard library.
+        from wcms.server import create_app
+
+        return create_app(self.settings)
+
+
+def _worker_exit(_server: Any, worker: Any) -> None:
+    app = getattr(worker, "wsgi", None)
+    rt = getattr(app, "extensions", {}).get("wcms") if app is not None else None
+    if rt is not None:
+        rt.stop_background()  # write buffered heartbeats before the process goes
+
+
+def serve(settings: Settings, access_log: bool = False) -> None:
+    options = {
+        "bind": f"{settings.host}:{settings.port}",
+        "workers": 1,
+        "worker_class": "gevent",
+        "worker_connections": 20000,
+        "timeout": 60,
+        "graceful_timeout": 10,
+        "keepalive": 75,
+        "backlog": 4096,
+        "accesslog": "-" if access_log else None,
+        "errorlog": "-",
+        "loglevel": settings.log_level.lower(),
+        "worker_exit": _worker_exit,
+        "proc_name": "wcms-server",
+        # No shared ~/.gunicorn control socket: several servers must run side by side.
+        "control_socket_disable": True,
+    }
+    _Gunicorn(settings, options).run()

@@ -1,0 +1,204 @@
+"""The heartbeat hot path: keep the newest heartbeat of each PC in memory, write them in batches.
+
+A heartbeat from a PC this process knows to be online costs a dict assignment; the writer
+flushes every `flush_interval` in one transaction (an executemany UPDATE). Anything that changes
+a PC's state (offline -> online, an event like logon) is written at once by the slow path.
+If another process flipped a PC offline meanwhile, the conditional UPDATE leaves it alone and
+the PC is brought back through the slow path, as long as its heartbeat is newer than the flip.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+import threading
+from dataclasses import dataclass
+
+from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy.orm import Session
+
+from wcms.protocol import PcState
+from wcms.server.models import MetricSample, PcInfo, PcMetrics
+from wcms.server.schemas import HeartbeatRequest
+from wcms.server.services import pc_service
+from wcms.server.services.pc_service import Transition
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Pending:
+    at: dt.datetime
+    hb: HeartbeatRequest
+
+
+class HeartbeatBuffer:
+    def __init__(self, sample_interval: float) -> None:
+        self._lock = threading.Lock()
+        self._pending: dict[int, Pending] = {}
+        self._online: set[int] = set()  # PCs this process has seen online
+        self._last_sample: dict[int, dt.datetime] = {}
+        self.sample_interval = dt.timedelta(seconds=sample_interval)
+
+    def knows_online(self, pc_id: int) -> bool:
+        return pc_id in self._online
+
+    def set_online(self, pc_id: int, online: bool) -> None:
+        with self._lock:
+            if online:
+                self._online.add(pc_id)
+            else:
+                self._online.discard(pc_id)
+                self._pending.pop(pc_id, None)
+
+    def add(self, pc_id: int, hb: HeartbeatRequest, now: dt.datetime) -> None:
+        with self._lock:
+            self._pending[pc_id] = Pending(now, hb)
+
+    def pending_count(self) -> int:
+        return len(self._pending)
+
+    def take(self) -> dict[int, Pending]:
+        with self._lock:
+            pending, self._pending = self._pending, {}
+        return pending
+
+    def flush(self, session: Session, offline_after: float) -> list[Transition]:
+        """Write every pending heartbeat; returns the PCs brought back online meanwhile."""
+        pending = self.take()
+        if not pending:
+            return []
+        try:
+            return self._write(session, pending, offline_after)
+        except Exception:
+            session.rollback()
+            with self._lock:  # keep what was not written, unless a newer one came in
+                for pc_id, p in pending.items():
+                    self._pending.setdefault(pc_id, p)
+            raise
+
+    def _write(
+        self, session: Session, pending: dict[int, Pending], offline_after: float
+    ) -> list[Transition]:
+        pc_t = PcInfo.__table__
+        m_t = PcMetrics.__table__
+        grace = dt.timedelta(seconds=offline_after)
+        pc_rows = []
+        metric_rows = []
+        samples = []
+        for pc_id, p in pending.items():
+            hb = p.hb
+            pc_rows.append(
+                {
+                    "b_id": pc_id,
+                    "b_seen": p.at,
+                    "b_deadline": p.at + grace,
+                    "b_ip": hb.ip_address,
+                    "b_host": hb.hostname,
+                    "b_user": hb.current_user,
+                    "b_user_set": "current_user" in hb.model_fields_set,
+                    "b_boot": hb.boot_time,
+                    "b_ver": hb.client_version,
+                }
+            )
+            metric_rows.append(
+                {
+                    "b_id": pc_id,
+                    "b_at": p.at,
+                    "b_cpu": hb.cpu_percent,
+                    "b_ram_used": hb.ram_used,
+                    "b_ram_pct": hb.ram_percent,
+                    "b_uptime": hb.uptime,
+                }
+            )
+            last = self._last_sample.get(pc_id)
+            if hb.cpu_percent is not None and (last is None or p.at - last >= self.sample_interval):
+                self._last_sample[pc_id] = p.at
+                samples.append(
+                    {
+                        "pc_id": pc_id,
+                        "at": p.at,
+                        "cpu_percent": hb.cpu_percent,
+                        "ram_percent": hb.ram_percent,
+                    }
+                )
+        session.execute(
+            update(pc_t)
+            .where(pc_t.c.id == bindparam("b_id"), pc_t.c.state == PcState.ONLINE)
+            .values(
+                last_seen=bindparam("b_seen"),
+                offline_after=bindparam("b_deadline"),
+                ip_address=func.coalesce(bindparam("b_ip"), pc_t.c.ip_address),
+                hostname=func.coalesce(bindparam("b_host"), pc_t.c.hostname),
+                boot_time=func.coalesce(bindparam("b_boot"), pc_t.c.boot_time),
+                client_version=func.coalesce(bindparam("b_ver"), pc_t.c.client_version),
+            ),
+            pc_rows,
+        )
+        user_rows = [r for r in pc_rows if r["b_user_set"]]
+        if user_rows:
+            session.execute(
+                update(pc_t)
+                .where(pc_t.c.id == bindparam("b_id"))
+                .values(current_user=bindparam("b_user")),
+                [{"b_id": r["b_id"], "b_user": r["b_user"]} for r in user_rows],
+            )
+        session.execute(
+            update(m_t)
+            .where(m_t.c.pc_id == bindparam("b_id"))
+            .values(
+                at=bindparam("b_at"),
+                cpu_percent=func.coalesce(bindparam("b_cpu"), m_t.c.cpu_percent),
+                ram_used=func.coalesce(bindparam("b_ram_used"), m_t.c.ram_used),
+                ram_percent=func.coalesce(bindparam("b_ram_pct"), m_t.c.ram_percent),
+                uptime=func.coalesce(bindparam("b_uptime"), m_t.c.uptime),
+            ),
+            metric_rows,
+        )
+        self._write_lists(session, pending)
+        if samples:
+            session.execute(insert(MetricSample.__table__), samples)
+        session.commit()
+        return self._revive(session, pending, offline_after)
+
+    def _write_lists(self, session: Session, pending: dict[int, Pending]) -> None:
+        """Disks and processes are JSON lists, written only for the PCs that sent them."""
+        m_t = PcMetrics.__table__
+        both = []
+        for pc_id, p in pending.items():
+            disks = None if p.hb.disks is None else [d.model_dump() for d in p.hb.disks]
+            if disks is not None and p.hb.processes is not None:
+                both.append({"b_id": pc_id, "b_disks": disks, "b_procs": p.hb.processes})
+            elif disks is not None or p.hb.processes is not None:
+                values = {"disks": disks} if disks is not None else {"processes": p.hb.processes}
+                session.execute(update(m_t).where(m_t.c.pc_id == pc_id).values(**values))
+        if both:
+            session.execute(
+                update(m_t)
+                .where(m_t.c.pc_id == bindparam("b_id"))
+                .values(disks=bindparam("b_disks"), processes=bindparam("b_procs")),
+                both,
+            )
+
+    def _revive(
+        self, session: Session, pending: dict[int, Pending], offline_after: float
+    ) -> list[Transition]:
+        """PCs another process flipped offline before a newer heartbeat of theirs was written."""
+        offline = (
+            session.execute(
+                select(PcInfo).where(PcInfo.id.in_(pending), PcInfo.state != PcState.ONLINE)
+            )
+            .scalars()
+            .all()
+        )
+        revived = []
+        for pc in offline:
+            p = pending[pc.id]
+            if p.at <= pc.state_since:
+                self.set_online(pc.id, False)  # the heartbeat predates the shutdown: drop it
+                continue
+            t = pc_service.apply_heartbeat(session, pc, p.hb, p.at, offline_after)
+            if t is not None:
+                revived.append(t)
+        session.commit()
+        return revived

@@ -1,0 +1,256 @@
+"""Shared fixtures: a real database (SQLite file, or PostgreSQL when WCMS_TEST_DATABASE_URL is
+set) and a real server process on 127.0.0.1, started and stopped by each test that needs one."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+PG_URL = os.environ.get("WCMS_TEST_DATABASE_URL", "")
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Database:
+    """One isolated database per test: a SQLite file, or a PostgreSQL schema."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.data_dir = data_dir
+        self.schema = f"t_{uuid.uuid4().hex[:12]}" if PG_URL else None
+        if self.schema:
+            self._pg(f'CREATE SCHEMA "{self.schema}"')
+            sep = "&" if "?" in PG_URL else "?"
+            self.url = f"{PG_URL}{sep}options=-csearch_path%3D{self.schema}"
+        else:
+            self.url = f"sqlite:///{data_dir / 'wcms.db'}"
+
+    def _pg(self, sql: str) -> None:
+        import sqlalchemy
+
+        engine = sqlalchemy.create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text(sql))
+        engine.dispose()
+
+    def drop(self) -> None:
+        if self.schema:
+            self._pg(f'DROP SCHEMA IF EXISTS "{self.schema}" CASCADE')
+
+
+@pytest.fixture
+def database(tmp_path: Path) -> Iterator[Database]:
+    data = tmp_path / "data"
+    data.mkdir()
+    db = Database(data)
+    yield db
+    db.drop()
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, body: Any) -> None:
+        super().__init__(f"HTTP {status}: {body}")
+        self.status = status
+        self.body = body
+
+
+def http(
+    method: str,
+    url: str,
+    body: Any = None,
+    token: str | None = None,
+    raw: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    timeout: float = 10,
+) -> tuple[int, Any]:
+    """One request; returns (status, parsed JSON or text). Never raises for HTTP errors."""
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    req = urllib.request.Request(url, data=data, method=method)
+    if data is not None and raw is None:
+        req.add_header("Content-Type", "application/json")
+    if token:
+        req.add_header("Authorization", f"Bearer {token}")
+    for k, v in (headers or {}).items():
+        req.add_header(k, v)
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            status, payload = resp.status, resp.read()
+    except urllib.error.HTTPError as err:
+        status, payload = err.code, err.read()
+    try:
+        return status, json.loads(payload)
+    except ValueError:
+        return status, payload.decode(errors="replace")
+
+
+class LiveServer:
+    """The real `wcms server run` (gunicorn + gevent) in a subprocess on 127.0.0.1."""
+
+    def __init__(self, tmp: Path, database: Database, env: dict[str, str]) -> None:
+        self.tmp = tmp
+        self.database = database
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = tmp / f"server-{self.port}.log"
+        self.env = {
+            **os.environ,
+            "WCMS_DATA_DIR": str(database.data_dir),
+            "WCMS_DATABASE_URL": database.url,
+            "WCMS_HOST": "127.0.0.1",
+            "WCMS_PORT": str(self.port),
+            "PYTHONUNBUFFERED": "1",
+            **env,
+        }
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.api_key = ""
+
+    def cli(self, *args: str, stdin: str | None = None, check: bool = True) -> str:
+        res = subprocess.run(
+            [sys.executable, "-m", "wcms", *args],
+            env=self.env,
+            input=stdin,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        if check and res.returncode != 0:
+            raise AssertionError(f"wcms {' '.join(args)} failed: {res.stderr}")
+        return res.stdout.strip()
+
+    def _prepare(self) -> str:
+        """Migrate and create the tests' API key in-process (the CLI has its own tests)."""
+        from wcms.server import migrate
+        from wcms.server.db import make_engine, make_sessionmaker, utcnow
+        from wcms.server.services import accounts
+
+        engine = make_engine(self.database.url)
+        try:
+            migrate.upgrade(engine)
+            with make_sessionmaker(engine)() as s:
+                _row, key = accounts.create_api_key(s, "tests", utcnow())
+                s.commit()
+        finally:
+            engine.dispose()
+        return key
+
+    def start(self, timeout: float = 30) -> LiveServer:
+        if not self.api_key:
+            self.api_key = self._prepare()
+        with self.log_path.open("ab") as log:  # the child keeps its own copy of the fd
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "wcms", "server", "run"],
+                env=self.env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise AssertionError(f"server exited early:\n{self.log()}")
+            try:
+                status, _ = http("GET", self.url + "/healthz", timeout=1)
+                if status == 200:
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise AssertionError(f"server not ready in {timeout}s:\n{self.log()}")
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=5)
+        self.proc = None
+
+    def restart(self) -> LiveServer:
+        self.stop()
+        return self.start()
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    # ---- the API, as an admin (API key) or as a PC (token)
+
+    def api(
+        self, method: str, path: str, body: Any = None, token: str | None = None, **kw: Any
+    ) -> tuple[int, Any]:
+        return http(method, self.url + path, body, token, **kw)
+
+    def admin(self, method: str, path: str, body: Any = None) -> Any:
+        status, data = self.api(method, path, body, token=self.api_key)
+        if status >= 400:
+            raise ApiError(status, data)
+        return data
+
+    def create_pin(self, multi: bool = False, minutes: int = 10) -> str:
+        data = self.admin("POST", "/api/pins", {"multi_use": multi, "expires_minutes": minutes})
+        return str(data["pin"])
+
+    def pcs(self) -> list[dict[str, Any]]:
+        return list(self.admin("GET", "/api/pcs")["pcs"])
+
+    def get_pc(self, machine_id: str) -> dict[str, Any] | None:
+        return next((p for p in self.pcs() if p["machine_id"] == machine_id), None)
+
+    def wait_pc(self, machine_id: str, timeout: float = 10, **expect: Any) -> dict[str, Any]:
+        """Poll until the PC exists and its fields equal `expect`; fail with the last seen."""
+        deadline = time.monotonic() + timeout
+        pc = None
+        while time.monotonic() < deadline:
+            pc = self.get_pc(machine_id)
+            if pc is not None and all(pc.get(k) == v for k, v in expect.items()):
+                return pc
+            time.sleep(0.05)
+        raise AssertionError(f"{machine_id}: wanted {expect}, last saw {pc}")
+
+
+@pytest.fixture
+def make_server(tmp_path: Path, database: Database) -> Iterator[Any]:
+    """A factory: make_server(WCMS_OFFLINE_AFTER="2", ...) -> a started LiveServer."""
+    servers: list[LiveServer] = []
+
+    def make(start: bool = True, **env: str) -> LiveServer:
+        server = LiveServer(tmp_path, database, env)
+        servers.append(server)
+        return server.start() if start else server
+
+    yield make
+    for server in servers:
+        server.stop()
+
+
+@pytest.fixture
+def live_server(make_server: Any) -> LiveServer:
+    server: LiveServer = make_server()
+    return server
+
+
+def register_pc(server: LiveServer, machine_id: str | None = None, **extra: Any) -> dict[str, Any]:
+    """Register a PC over HTTP as a client would; returns the answer plus `machine_id`."""
+    machine_id = machine_id or f"TEST-{uuid.uuid4().hex[:16]}"
+    body = {"pin": server.create_pin(), "machine_id": machine_id, "hostname": "lab-pc", **extra}
+    status, data = server.api("POST", "/api/client/register", body)
+    assert status == 201, data
+    return {**data, "machine_id": machine_id}
