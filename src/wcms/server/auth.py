@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 from flask import g, request, session
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from wcms.protocol import TOKEN_PREFIX_APIKEY, ErrorCode
 from wcms.server.db import utcnow
@@ -63,11 +64,12 @@ def current_pc(machine_id: str) -> PcIdentity:
     return PcIdentity(hit[0], hit[1])
 
 
-def db():  # type: ignore[no-untyped-def]
+def db() -> Session:
     """The request's session, opened on first use and closed at teardown."""
     if "db" not in g:
         g.db = runtime().sessions()
-    return g.db
+    session: Session = g.db
+    return session
 
 
 # ---------------------------------------------------------------- admins

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
+from typing import Any, cast
 
-from sqlalchemy import DateTime, Engine, MetaData, create_engine, event
+from sqlalchemy import CursorResult, DateTime, Engine, MetaData, Result, Table, create_engine, event
 from sqlalchemy.engine import Dialect
 from sqlalchemy.orm import DeclarativeBase, sessionmaker
 from sqlalchemy.types import TypeDecorator
@@ -87,3 +87,15 @@ def _cooperative_psycopg2() -> None:
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Any]:
     return sessionmaker(engine, expire_on_commit=False)
+
+
+def table(model: type[Base]) -> Table:
+    """The Core table of a model, for conditional UPDATEs whose row count matters."""
+    t = model.__table__
+    assert isinstance(t, Table)
+    return t
+
+
+def affected(result: Result[Any]) -> int:
+    """Rows an UPDATE or DELETE touched."""
+    return cast(CursorResult[Any], result).rowcount

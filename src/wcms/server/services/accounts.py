@@ -14,6 +14,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from wcms.protocol import PIN_LENGTH, TOKEN_PREFIX_APIKEY, ErrorCode
+from wcms.server.db import affected, table
 from wcms.server.errors import ApiError
 from wcms.server.models import Admin, ApiKey, RegistrationPin
 
@@ -164,14 +165,14 @@ def consume_pin(session: Session, secret_key: str, pin: str, now: dt.datetime) -
             continue
         # Conditional: two PCs racing for one single-use PIN cannot both win.
         result = session.execute(
-            update(RegistrationPin.__table__)
+            update(table(RegistrationPin))
             .where(
-                RegistrationPin.__table__.c.id == row.id,
-                RegistrationPin.__table__.c.multi_use | (RegistrationPin.__table__.c.uses == 0),
+                table(RegistrationPin).c.id == row.id,
+                table(RegistrationPin).c.multi_use | (table(RegistrationPin).c.uses == 0),
             )
-            .values(uses=RegistrationPin.__table__.c.uses + 1)
+            .values(uses=table(RegistrationPin).c.uses + 1)
         )
-        if result.rowcount == 1:
+        if affected(result) == 1:
             return row
     if any(r.expires_at <= now for r in live):
         raise ApiError(403, ErrorCode.PIN_EXPIRED, "this PIN has expired; ask for a new one")

@@ -18,6 +18,7 @@ from sqlalchemy import bindparam, func, insert, select, update
 from sqlalchemy.orm import Session
 
 from wcms.protocol import PcState
+from wcms.server.db import table
 from wcms.server.models import MetricSample, PcInfo, PcMetrics
 from wcms.server.schemas import HeartbeatRequest
 from wcms.server.services import pc_service
@@ -55,6 +56,13 @@ class HeartbeatBuffer:
         with self._lock:
             self._pending[pc_id] = Pending(now, hb)
 
+    def touch(self, pc_id: int, machine_id: str, now: dt.datetime) -> None:
+        """Contact without a report (a command poll): move last_seen, keep any pending report."""
+        with self._lock:
+            pending = self._pending.get(pc_id)
+            hb = pending.hb if pending is not None else HeartbeatRequest(machine_id=machine_id)
+            self._pending[pc_id] = Pending(now, hb)
+
     def pending_count(self) -> int:
         return len(self._pending)
 
@@ -80,8 +88,8 @@ class HeartbeatBuffer:
     def _write(
         self, session: Session, pending: dict[int, Pending], offline_after: float
     ) -> list[Transition]:
-        pc_t = PcInfo.__table__
-        m_t = PcMetrics.__table__
+        pc_t = table(PcInfo)
+        m_t = table(PcMetrics)
         grace = dt.timedelta(seconds=offline_after)
         pc_rows = []
         metric_rows = []
@@ -101,6 +109,8 @@ class HeartbeatBuffer:
                     "b_ver": hb.client_version,
                 }
             )
+            if hb.model_fields_set == {"machine_id"}:
+                continue  # a bare contact (touch): nothing to write beyond last_seen
             metric_rows.append(
                 {
                     "b_id": pc_id,
@@ -143,27 +153,28 @@ class HeartbeatBuffer:
                 .values(current_user=bindparam("b_user")),
                 [{"b_id": r["b_id"], "b_user": r["b_user"]} for r in user_rows],
             )
-        session.execute(
-            update(m_t)
-            .where(m_t.c.pc_id == bindparam("b_id"))
-            .values(
-                at=bindparam("b_at"),
-                cpu_percent=func.coalesce(bindparam("b_cpu"), m_t.c.cpu_percent),
-                ram_used=func.coalesce(bindparam("b_ram_used"), m_t.c.ram_used),
-                ram_percent=func.coalesce(bindparam("b_ram_pct"), m_t.c.ram_percent),
-                uptime=func.coalesce(bindparam("b_uptime"), m_t.c.uptime),
-            ),
-            metric_rows,
-        )
+        if metric_rows:
+            session.execute(
+                update(m_t)
+                .where(m_t.c.pc_id == bindparam("b_id"))
+                .values(
+                    at=bindparam("b_at"),
+                    cpu_percent=func.coalesce(bindparam("b_cpu"), m_t.c.cpu_percent),
+                    ram_used=func.coalesce(bindparam("b_ram_used"), m_t.c.ram_used),
+                    ram_percent=func.coalesce(bindparam("b_ram_pct"), m_t.c.ram_percent),
+                    uptime=func.coalesce(bindparam("b_uptime"), m_t.c.uptime),
+                ),
+                metric_rows,
+            )
         self._write_lists(session, pending)
         if samples:
-            session.execute(insert(MetricSample.__table__), samples)
+            session.execute(insert(table(MetricSample)), samples)
         session.commit()
         return self._revive(session, pending, offline_after)
 
     def _write_lists(self, session: Session, pending: dict[int, Pending]) -> None:
         """Disks and processes are JSON lists, written only for the PCs that sent them."""
-        m_t = PcMetrics.__table__
+        m_t = table(PcMetrics)
         both = []
         for pc_id, p in pending.items():
             disks = None if p.hb.disks is None else [d.model_dump() for d in p.hb.disks]

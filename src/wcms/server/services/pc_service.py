@@ -18,6 +18,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from wcms.protocol import TOKEN_PREFIX_PC, ClientEvent, PcState, PowerReason
+from wcms.server.db import affected, table
 from wcms.server.models import PcCredential, PcInfo, PcMetrics, PowerEvent
 from wcms.server.schemas import HeartbeatRequest, RegisterRequest
 
@@ -67,7 +68,7 @@ def set_offline_immediately(
 
     Returns the transition, or None when the PC was already offline for the same reason.
     """
-    pc_table = PcInfo.__table__
+    pc_table = table(PcInfo)
     result = session.execute(
         update(pc_table)
         .where(pc_table.c.machine_id == machine_id, pc_table.c.state == PcState.ONLINE)
@@ -87,7 +88,11 @@ def set_offline_immediately(
         session.commit()
         return t
     # Already offline: keep the freshest reason (a late "shutdown" after "lost" is the truth).
-    pc = session.execute(select(PcInfo).where(PcInfo.machine_id == machine_id)).scalar_one_or_none()
+    pc = session.execute(
+        select(PcInfo)
+        .where(PcInfo.machine_id == machine_id)
+        .execution_options(populate_existing=True)  # the UPDATE above bypassed the ORM
+    ).scalar_one_or_none()
     if pc is None:
         session.rollback()
         return None
@@ -115,7 +120,7 @@ def mark_online(
     session: Session, pc: PcInfo, reason: str, now: dt.datetime, offline_after: float
 ) -> Transition | None:
     """Flip an offline PC online (conditional UPDATE); None if it already was. Caller commits."""
-    pc_table = PcInfo.__table__
+    pc_table = table(PcInfo)
     result = session.execute(
         update(pc_table)
         .where(pc_table.c.id == pc.id, pc_table.c.state == PcState.OFFLINE)
@@ -128,7 +133,7 @@ def mark_online(
             offline_after=now + dt.timedelta(seconds=offline_after),
         )
     )
-    if result.rowcount != 1:
+    if affected(result) != 1:
         return None
     session.expire(pc)
     return _event(session, Transition(pc.id, PcState.OFFLINE, PcState.ONLINE, reason, now))
@@ -236,7 +241,7 @@ def mark_overdue_lost(session: Session, now: dt.datetime, retry_in: float) -> li
     Each PC is its own transaction; a row that fails gets its deadline pushed forward by
     `retry_in` seconds and the loop goes on.
     """
-    pc_table = PcInfo.__table__
+    pc_table = table(PcInfo)
     due = (
         session.execute(
             select(pc_table.c.id).where(
@@ -265,7 +270,7 @@ def mark_overdue_lost(session: Session, now: dt.datetime, retry_in: float) -> li
                     offline_after=None,
                 )
             )
-            if result.rowcount == 1:
+            if affected(result) == 1:
                 t = Transition(pc_id, PcState.ONLINE, PcState.OFFLINE, PowerReason.LOST, now)
                 flipped.append(_event(session, t))
             session.commit()
@@ -277,7 +282,7 @@ def mark_overdue_lost(session: Session, now: dt.datetime, retry_in: float) -> li
 
 
 def _push_deadline(session: Session, pc_id: int, when: dt.datetime) -> None:
-    pc_table = PcInfo.__table__
+    pc_table = table(PcInfo)
     try:
         session.execute(update(pc_table).where(pc_table.c.id == pc_id).values(offline_after=when))
         session.commit()

@@ -1,0 +1,95 @@
+"""Pick the platform once; this is the only place in the client that asks which OS it runs on.
+
+The contract every platform fulfils is in `base.py`. Installing the client as a service is
+platform business too, so the CLI reaches it through the functions below, never by OS checks.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING, Protocol
+
+from wcms.client.platform.base import Platform
+from wcms.protocol import ClientEvent, PowerReason
+
+if TYPE_CHECKING:
+    from wcms.client.config import ClientConfig
+
+__all__ = [
+    "AgentControl",
+    "Platform",
+    "ServiceError",
+    "current",
+    "install_service",
+    "service_state",
+    "uninstall_service",
+]
+
+_current: Platform | None = None
+
+
+class ServiceError(Exception):
+    """Installing, removing or asking about the client service failed; the message says why."""
+
+
+class AgentControl(Protocol):
+    """What an OS event source may do to the agent (wcms.client.main.Agent implements it)."""
+
+    def stop(
+        self, reason: PowerReason, *, deadline: float | None = None, source: str = ""
+    ) -> None: ...
+
+    def report(self, event: ClientEvent) -> None: ...
+
+
+def current() -> Platform:
+    """The platform this process runs on, chosen on first use."""
+    global _current
+    if _current is None:
+        _current = _choose()
+    return _current
+
+
+def _choose() -> Platform:
+    if sys.platform == "win32":
+        from wcms.client.platform.windows import WindowsPlatform
+
+        return WindowsPlatform()
+    from wcms.client.platform.linux import LinuxPlatform
+
+    return LinuxPlatform()
+
+
+def install_service(config: ClientConfig) -> str:
+    """Install and start the client as a service; answer a line saying what was done."""
+    if sys.platform == "win32":
+        from wcms.client import service
+
+        service.install_service(config)
+        return "installed and started the Windows service WCMSClient"
+    from wcms.client.platform import linux
+
+    return linux.install_unit(config)
+
+
+def uninstall_service() -> str:
+    """Stop and remove the client service; answer a line saying what was done."""
+    if sys.platform == "win32":
+        from wcms.client import service
+
+        service.uninstall_service()
+        return "stopped and removed the Windows service WCMSClient"
+    from wcms.client.platform import linux
+
+    return linux.uninstall_unit()
+
+
+def service_state() -> str:
+    """The service manager's word for the client service: active, inactive, not installed..."""
+    if sys.platform == "win32":
+        from wcms.client import service
+
+        return service.service_status()
+    from wcms.client.platform import linux
+
+    return linux.unit_state()

@@ -1,0 +1,119 @@
+"""The agent's pure decisions: back-off, heartbeat jitter, what an error means; stop()'s rules."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from tests.client.conftest import TmpPlatform
+from wcms.client import http
+from wcms.client.config import load_config
+from wcms.client.main import (
+    BACKOFF_CAP,
+    Agent,
+    Decision,
+    backoff_delay,
+    decide,
+    heartbeat_delay,
+    parse_heartbeat_interval,
+    send_shutdown_signal,
+)
+from wcms.protocol import ClientEvent, PowerReason
+
+
+def test_backoff_doubles_with_jitter_and_caps() -> None:
+    assert backoff_delay(0, lambda: 0.0) == 0.5
+    assert backoff_delay(0, lambda: 1.0) == 1.0
+    assert backoff_delay(3, lambda: 1.0) == 8.0
+    assert backoff_delay(3, lambda: 0.0) == 4.0
+    assert backoff_delay(10, lambda: 1.0) == BACKOFF_CAP
+    assert backoff_delay(10_000, lambda: 0.5) == pytest.approx(BACKOFF_CAP * 0.75)
+
+
+def test_heartbeat_jitter_only_shortens_the_wait() -> None:
+    assert heartbeat_delay(15, lambda: 0.0) == pytest.approx(12.0)
+    assert heartbeat_delay(15, lambda: 1.0) == pytest.approx(15.0)
+
+
+@pytest.mark.parametrize(
+    ("error", "decision"),
+    [
+        (http.TransportError("connection refused"), Decision.BACKOFF),
+        (http.TransportError("timed out", timed_out=True), Decision.BACKOFF),
+        (http.ApiError(500, "internal_error", "boom"), Decision.BACKOFF),
+        (http.ApiError(503, "http_503", "unavailable"), Decision.BACKOFF),
+        (http.ApiError(429, "rate_limited", "slow down", retry_after=30), Decision.BACKOFF),
+        (http.ApiError(401, "invalid_token", "unknown token"), Decision.REREGISTER),
+        (http.ApiError(403, "machine_mismatch", "not your token"), Decision.REREGISTER),
+        (http.ApiError(403, "invalid_pin", "no such PIN"), Decision.SLOW_RETRY),
+        (http.ApiError(403, "pin_expired", "expired"), Decision.SLOW_RETRY),
+        (http.ApiError(400, "validation_error", "cpu_percent"), Decision.SLOW_RETRY),
+        (http.ApiError(404, "not_found", "no route"), Decision.SLOW_RETRY),
+    ],
+)
+def test_what_an_error_means(error: http.HttpError, decision: Decision) -> None:
+    assert decide(error) is decision
+
+
+def test_heartbeat_interval_comes_from_the_server() -> None:
+    assert parse_heartbeat_interval({"heartbeat_interval": 5}, 15.0) == 5.0
+    assert parse_heartbeat_interval({"heartbeat_interval": 0}, 15.0) == 15.0
+    assert parse_heartbeat_interval({"heartbeat_interval": "5"}, 15.0) == 15.0
+    assert parse_heartbeat_interval({"heartbeat_interval": True}, 15.0) == 15.0
+    assert parse_heartbeat_interval({}, 15.0) == 15.0
+
+
+def _agent(plat: TmpPlatform, tmp_path: Path, port: int) -> Agent:
+    env = {"WCMS_CLIENT_DIR": str(tmp_path / "c"), "WCMS_SERVER_URL": f"http://127.0.0.1:{port}"}
+    return Agent(load_config(plat, env=env), plat)
+
+
+def test_unregistered_agent_does_not_send(
+    plat: TmpPlatform, tmp_path: Path, closed_port: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    agent = _agent(plat, tmp_path, closed_port)
+    with caplog.at_level(logging.INFO, logger="wcms"):
+        assert agent.send_shutdown_signal(PowerReason.SHUTDOWN) is False
+    assert "not registered yet" in caplog.text
+
+
+def test_stop_is_final_and_sends_once(
+    plat: TmpPlatform, tmp_path: Path, closed_port: int, caplog: pytest.LogCaptureFixture
+) -> None:
+    agent = _agent(plat, tmp_path, closed_port)
+    agent.token = "wcms_pc_x"
+    with caplog.at_level(logging.INFO, logger="wcms"):
+        agent.stop(PowerReason.SHUTDOWN, source="test")
+        agent.stop(PowerReason.AGENT_STOPPED, source="test")
+    assert caplog.text.count("Shutdown signal failed: cannot connect") == 1
+    assert "PreShutdown received (test): sending the shutdown signal, reason=shutdown" in (
+        caplog.text
+    )
+    assert agent.run() is PowerReason.SHUTDOWN  # already stopped: returns at once
+
+
+def test_sleep_pauses_until_resume(plat: TmpPlatform, tmp_path: Path, closed_port: int) -> None:
+    agent = _agent(plat, tmp_path, closed_port)
+    agent.token = "wcms_pc_x"
+    agent.stop(PowerReason.SLEEP)
+    assert not agent._awake.is_set()
+    agent.stop(PowerReason.SLEEP)  # a second sleep signal is not sent
+    agent.report(ClientEvent.RESUME)
+    assert agent._awake.is_set()
+    assert list(agent._events) == [ClientEvent.BOOT, ClientEvent.RESUME]
+    agent.stop(PowerReason.SHUTDOWN)
+    assert agent.run() is PowerReason.SHUTDOWN
+
+
+def test_seed_helper_without_registration(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The module-level send_shutdown_signal() reads the installed client's settings."""
+    monkeypatch.setenv("WCMS_CLIENT_DIR", str(tmp_path))
+    monkeypatch.setenv("WCMS_SERVER_URL", "http://127.0.0.1:1")
+    monkeypatch.setenv("WCMS_MACHINE_ID", "TEST-helper-01")
+    with caplog.at_level(logging.INFO, logger="wcms"):
+        assert send_shutdown_signal() is False
+    assert "Shutdown signal failed: this PC is not registered (reason=shutdown)" in caplog.text

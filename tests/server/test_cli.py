@@ -1,0 +1,68 @@
+"""The `wcms` command, as an administrator runs it."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+from tests.conftest import Database
+
+
+def wcms(
+    database: Database, *args: str, stdin: str = "", **env: str
+) -> subprocess.CompletedProcess[str]:
+    full_env = {
+        **os.environ,
+        "WCMS_DATA_DIR": str(database.data_dir),
+        "WCMS_DATABASE_URL": database.url,
+        **env,
+    }
+    return subprocess.run(
+        [sys.executable, "-m", "wcms", *args],
+        input=stdin,
+        env=full_env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_bootstrap_creates_one_admin_with_a_random_password(database: Database) -> None:
+    first = wcms(database, "admin", "bootstrap")
+    assert first.returncode == 0, first.stderr
+    password = next(
+        line.split(":", 1)[1].strip() for line in first.stdout.splitlines() if "password:" in line
+    )
+    assert len(password) >= 16 and password.lower() not in {"admin", "password"}
+    second = wcms(database, "admin", "bootstrap")
+    assert second.returncode == 0 and "nothing to do" in second.stdout
+    assert password not in second.stdout
+
+
+def test_admin_create_pin_apikey_and_pcs(database: Database) -> None:
+    assert wcms(database, "db", "upgrade").returncode == 0
+    made = wcms(database, "admin", "create", "kim", stdin="correct horse battery\n")
+    assert made.returncode == 0 and "created" in made.stdout
+    dup = wcms(database, "admin", "create", "kim", stdin="correct horse battery\n")
+    assert dup.returncode == 1 and "already exists" in dup.stderr and "Traceback" not in dup.stderr
+    short = wcms(database, "admin", "create", "lee", stdin="short\n")
+    assert short.returncode == 1 and "at least 10" in short.stderr
+    pin = wcms(database, "pin", "create", "--multi", "--expires", "2h")
+    assert pin.returncode == 0 and pin.stdout.strip().isdigit() and len(pin.stdout.strip()) == 6
+    assert "multi-use" in pin.stderr
+    bad = wcms(database, "pin", "create", "--expires", "soon")
+    assert bad.returncode == 1 and "cannot read the duration" in bad.stderr
+    key = wcms(database, "apikey", "create", "ci")
+    assert key.returncode == 0 and key.stdout.strip().startswith("wcms_ak_")
+    listed = wcms(database, "pcs", "--json")
+    assert listed.returncode == 0 and json.loads(listed.stdout) == []
+    assert "no PCs registered" in wcms(database, "pcs").stdout
+
+
+def test_bad_settings_and_unmigrated_database_read_clearly(database: Database) -> None:
+    bad = wcms(database, "pcs", WCMS_PRESENCE_MODE="turbo")
+    assert bad.returncode == 1 and "WCMS_PRESENCE_MODE='turbo'" in bad.stderr
+    empty = wcms(database, "pcs")
+    assert empty.returncode == 1 and "wcms db upgrade" in empty.stderr

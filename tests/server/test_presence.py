@@ -1,0 +1,143 @@
+"""The presence state machine, driven in-process with `now` passed in."""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from wcms.server.db import utcnow
+from wcms.server.models import PcInfo, PowerEvent
+from wcms.server.runtime import Runtime
+from wcms.server.schemas import HeartbeatRequest, RegisterRequest
+from wcms.server.services import pc_service
+
+T0 = dt.datetime(2026, 11, 26, 9, 0, tzinfo=dt.UTC)
+
+
+def add_pc(session: Session, machine_id: str, now: dt.datetime = T0) -> PcInfo:
+    req = RegisterRequest.model_validate(
+        {"pin": "000000", "machine_id": machine_id, "hostname": machine_id.lower()}
+    )
+    pc, _token, _t = pc_service.register(session, req, now, offline_after=35)
+    session.commit()
+    return pc
+
+
+def events(session: Session, pc: PcInfo) -> list[tuple[str | None, str, str]]:
+    rows = session.execute(
+        select(PowerEvent).where(PowerEvent.pc_id == pc.id).order_by(PowerEvent.id)
+    ).scalars()
+    return [(e.from_state, e.to_state, e.reason) for e in rows]
+
+
+def test_checker_flips_only_overdue_pcs(session: Session) -> None:
+    late, fresh = add_pc(session, "PC-LATE-0001"), add_pc(session, "PC-FRESH-001")
+    pc_service.apply_heartbeat(
+        session,
+        fresh,
+        HeartbeatRequest(machine_id=fresh.machine_id),
+        T0 + dt.timedelta(seconds=30),
+        35,
+    )
+    at = T0 + dt.timedelta(seconds=36)
+    flipped = pc_service.mark_overdue_lost(session, at, retry_in=5)
+    assert [t.pc_id for t in flipped] == [late.id]
+    session.expire_all()
+    assert (late.state, late.reason, late.is_online, late.state_since) == (
+        "offline",
+        "lost",
+        False,
+        at,
+    )
+    assert late.offline_after is None
+    assert fresh.state == "online"
+    assert events(session, late) == [(None, "online", "registered"), ("online", "offline", "lost")]
+    # Nothing left to do: a second pass flips nobody and writes no event.
+    assert pc_service.mark_overdue_lost(session, at + dt.timedelta(seconds=1), retry_in=5) == []
+    assert len(events(session, late)) == 2
+
+
+def test_two_processes_never_double_flip(rt: Runtime) -> None:
+    with rt.sessions() as s:
+        pc = add_pc(s, "PC-RACE-0001")
+    at = T0 + dt.timedelta(minutes=5)
+    with rt.sessions() as a, rt.sessions() as b:
+        # Both "processes" read the PC as due before either flips it.
+        first = pc_service.mark_overdue_lost(a, at, retry_in=5)
+        second = pc_service.mark_overdue_lost(b, at, retry_in=5)
+    assert len(first) + len(second) == 1
+    with rt.sessions() as s:
+        n = s.execute(
+            select(func.count())
+            .select_from(PowerEvent)
+            .where(PowerEvent.pc_id == pc.id, PowerEvent.reason == "lost")
+        ).scalar()
+    assert n == 1
+
+
+def test_shutdown_signal_is_idempotent_and_keeps_the_freshest_reason(session: Session) -> None:
+    pc = add_pc(session, "PC-SHUT-0001")
+    at = T0 + dt.timedelta(seconds=10)
+    t = pc_service.set_offline_immediately(session, pc.machine_id, "shutdown", at)
+    assert t is not None and (t.from_state, t.to_state, t.reason) == (
+        "online",
+        "offline",
+        "shutdown",
+    )
+    assert pc_service.set_offline_immediately(session, pc.machine_id, "shutdown", at) is None
+    session.expire_all()
+    assert (pc.state, pc.reason, pc.last_seen, pc.state_since) == ("offline", "shutdown", at, at)
+    assert len(events(session, pc)) == 2
+    # The checker never touches an offline PC.
+    assert pc_service.mark_overdue_lost(session, at + dt.timedelta(hours=1), retry_in=5) == []
+    assert pc_service.set_offline_immediately(session, "NO-SUCH-PC-01", "shutdown", at) is None
+
+
+def test_buffered_heartbeat_older_than_a_shutdown_does_not_revive(rt: Runtime) -> None:
+    with rt.sessions() as s:
+        pc = add_pc(s, "PC-BUFF-0001", now=utcnow())
+    rt.buffer.set_online(pc.id, True)
+    hb_at = utcnow()
+    rt.buffer.add(pc.id, HeartbeatRequest(machine_id=pc.machine_id, cpu_percent=50.0), hb_at)
+    taken = rt.buffer.take()  # the writer has taken the batch...
+    with rt.sessions() as s:  # ...when the shutdown lands
+        pc_service.set_offline_immediately(s, pc.machine_id, "shutdown", utcnow())
+    for pc_id, p in taken.items():
+        rt.buffer.add(pc_id, p.hb, p.at)
+    with rt.sessions() as s:
+        revived = rt.buffer.flush(s, 35)
+        assert revived == []
+        assert s.get(PcInfo, pc.id).state == "offline"  # type: ignore[union-attr]
+
+
+def test_buffered_heartbeat_newer_than_a_loss_brings_the_pc_back(rt: Runtime) -> None:
+    with rt.sessions() as s:
+        pc = add_pc(s, "PC-BACK-0001", now=utcnow() - dt.timedelta(minutes=5))
+        pc_id, machine_id = pc.id, pc.machine_id
+        pc.boot_time = 1000.0
+        s.commit()
+        pc_service.mark_overdue_lost(s, utcnow(), retry_in=5)
+    hb = HeartbeatRequest(machine_id=machine_id, cpu_percent=5.0, boot_time=1000.0)
+    rt.buffer.add(pc_id, hb, utcnow())
+    with rt.sessions() as s:
+        revived = rt.buffer.flush(s, 35)
+        assert [(t.pc_id, t.to_state) for t in revived] == [(pc_id, "online")]
+        again = s.get(PcInfo, pc_id)
+        assert again is not None and again.state == "online" and again.reason == "reconnected"
+
+
+def test_tick_publishes_changes_on_the_live_bus(rt: Runtime) -> None:
+    with rt.sessions() as s:
+        pc = add_pc(s, "PC-LIVE-0001", now=utcnow() - dt.timedelta(minutes=5))
+    q = rt.bus.subscribe()
+    changed = rt.tick(utcnow())
+    assert [t.pc_id for t in changed] == [pc.id]
+    msg = q.get_nowait()
+    assert (msg["type"], msg["pc_id"], msg["state"], msg["reason"]) == (
+        "presence",
+        pc.id,
+        "offline",
+        "lost",
+    )
