@@ -64,25 +64,11 @@ def make_engine(url: str) -> Engine:
         )
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
-    if url.startswith("postgresql"):
-        _cooperative_psycopg2()
-        return create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
-    return create_engine(url)
-
-
-def _cooperative_psycopg2() -> None:
-    """Under gevent, let psycopg2 yield to other greenlets while it waits on the network."""
-    import psycopg2.extensions
-    import psycopg2.extras
-
-    try:
-        from gevent import monkey
-
-        patched = monkey.is_module_patched("select")
-    except ImportError:  # gevent is a server dependency, but keep the engine usable without it
-        patched = False
-    if patched:
-        psycopg2.extensions.set_wait_callback(psycopg2.extras.wait_select)
+    if url.startswith(("postgresql://", "postgres://")):
+        # psycopg 3 waits through the (gevent-patched) selectors module, so it yields to other
+        # greenlets while PostgreSQL answers.
+        url = "postgresql+psycopg://" + url.split("://", 1)[1]
+    return create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Any]:
