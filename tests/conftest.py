@@ -247,6 +247,19 @@ def live_server(make_server: Any) -> LiveServer:
     return server
 
 
+@pytest.fixture(scope="module")
+def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
+    """One server for a whole module, for tests that only add their own PCs to it."""
+    tmp = tmp_path_factory.mktemp("shared")
+    data = tmp / "data"
+    data.mkdir()
+    db = Database(data)
+    server = LiveServer(tmp, db, {}).start()
+    yield server
+    server.stop()
+    db.drop()
+
+
 def register_pc(server: LiveServer, machine_id: str | None = None, **extra: Any) -> dict[str, Any]:
     """Register a PC over HTTP as a client would; returns the answer plus `machine_id`."""
     machine_id = machine_id or f"TEST-{uuid.uuid4().hex[:16]}"

@@ -6,7 +6,15 @@ import datetime as dt
 import time
 from typing import Any
 
+import pytest
+
 from tests.conftest import LiveServer, register_pc
+
+
+@pytest.fixture
+def live_server(shared_server: LiveServer) -> LiveServer:
+    """These tests only add PCs of their own: one server serves the module."""
+    return shared_server
 
 
 def hb(server: LiveServer, pc: dict[str, Any], **fields: Any) -> tuple[int, Any]:
@@ -192,3 +200,16 @@ def test_lost_pc_goes_offline_after_its_deadline_and_a_live_one_does_not(
     # A lost PC that calls again is back at once (same boot: reconnected).
     assert hb(server, silent)[0] == 200
     assert server.get_pc(silent["machine_id"])["reason"] in {"reconnected", "boot"}
+
+
+def test_hardware_sent_with_a_heartbeat_refreshes_the_specs(live_server: LiveServer) -> None:
+    pc = register_pc(live_server, hardware={"ram_total": 8 * 2**30, "cpu_cores": 4})
+    status, _ = hb(
+        live_server,
+        pc,
+        event="boot",
+        hardware={"ram_total": 32 * 2**30, "cpu_cores": 8, "os_version": "10.0.26100"},
+    )
+    assert status == 200
+    got = live_server.admin("GET", f"/api/pcs/{pc['pc_id']}")["hardware"]
+    assert (got["ram_total"], got["cpu_cores"], got["os_version"]) == (32 * 2**30, 8, "10.0.26100")

@@ -35,6 +35,12 @@ BAD_BODIES: list[tuple[str, Any]] = [
 ENDPOINTS = ["/api/client/register", "/api/client/heartbeat", "/api/client/shutdown"]
 
 
+@pytest.fixture
+def live_server(shared_server: LiveServer) -> LiveServer:
+    """These tests only add PCs of their own: one server serves the module."""
+    return shared_server
+
+
 def post_raw(server: LiveServer, path: str, payload: Any, token: str | None) -> tuple[int, Any]:
     if isinstance(payload, bytes):
         return server.api(

@@ -24,6 +24,7 @@ from typing import Any
 from wcms.client import CLIENT_VERSION, http
 from wcms.client import platform as platforms
 from wcms.client.collector import Collector, hostname
+from wcms.client.commands import CommandChannel
 from wcms.client.config import SHUTDOWN_TIMEOUT, ClientConfig, ConfigError, load_config
 from wcms.client.identity import (
     IdentityError,
@@ -91,6 +92,7 @@ class Agent:
         self._awake.set()
         self._wake = threading.Event()
         self._done = threading.Event()
+        self.commands: CommandChannel | None = None  # the command channel, started by run()
 
     @property
     def server_url(self) -> str:
@@ -107,8 +109,8 @@ class Agent:
             self.server_url,
             "registered" if self.token else "not registered yet",
         )
-        # The command channel (GET /api/client/commands long poll) will get its own thread
-        # here, sharing self.call() and self.token; a 401/403 there calls self.forget_token().
+        self.commands = CommandChannel(self)  # its own threads; shares self.token
+        self.commands.start()
         threading.Thread(target=self._loop, name="wcms-agent", daemon=True).start()
         self._done.wait()
         log.info("Agent stopped (reason=%s)", self._final)
@@ -123,6 +125,8 @@ class Agent:
         with self._stop_lock:
             if self._final is not None or (reason is PowerReason.SLEEP and self._sleeping):
                 return
+            if self.commands is not None:
+                self.commands.pause()  # a poll after the signal would bring the PC back online
             what = "PreShutdown received" if reason in POWER_OFF else "Stop requested"
             log.info(
                 "%s (%s): sending the shutdown signal, reason=%s", what, source or "local", reason
@@ -143,6 +147,8 @@ class Agent:
         with self._stop_lock:
             if event is ClientEvent.RESUME:
                 self._sleeping = False
+                if self.commands is not None:
+                    self.commands.resume()
             self._events.append(event)
             self._awake.set()
             self._wake.set()
@@ -215,6 +221,8 @@ class Agent:
         event = self._events[0] if self._events else None
         if event is not None:
             body["event"] = event.value
+        if event is ClientEvent.BOOT:  # specs are re-sent at every start, never stale
+            body["hardware"] = self._collector.hardware()
         self.call("/heartbeat", body)
         if event is not None:
             self._events.popleft()

@@ -69,6 +69,7 @@ class HeartbeatRequest(Strict):
     boot_time: NonNegFloat | None = None
     disks: Annotated[list[Disk], Field(max_length=64)] | None = None
     processes: Annotated[list[Str255], Field(max_length=2000)] | None = None
+    hardware: Hardware | None = None  # the client sends it with its boot heartbeat
 
 
 # Keep the literal above in step with the protocol's set.

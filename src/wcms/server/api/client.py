@@ -77,7 +77,7 @@ def heartbeat() -> ResponseReturnValue:
     who = current_pc(hb.machine_id)
     rt = runtime()
     now = utcnow()
-    if hb.event is None and rt.buffer.knows_online(who.pc_id):
+    if hb.event is None and hb.hardware is None and rt.buffer.knows_online(who.pc_id):
         rt.buffer.add(who.pc_id, hb, now)  # the hot path: written in the next batch
         return _answer({"state": PcState.ONLINE})
     s = db()

@@ -14,13 +14,13 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from wcms.protocol import TOKEN_PREFIX_PC, ClientEvent, PcState, PowerReason
 from wcms.server.db import affected, table
 from wcms.server.models import PcCredential, PcInfo, PcMetrics, PowerEvent
-from wcms.server.schemas import HeartbeatRequest, RegisterRequest
+from wcms.server.schemas import Hardware, HeartbeatRequest, RegisterRequest
 
 log = logging.getLogger(__name__)
 
@@ -52,12 +52,30 @@ class Transition:
         }
 
 
-def _event(session: Session, t: Transition) -> Transition:
-    session.add(
-        PowerEvent(
-            pc_id=t.pc_id, from_state=t.from_state, to_state=t.to_state, reason=t.reason, at=t.at
-        )
+# The hot statements are built once and run on the session's connection: no ORM load or
+# unit-of-work flush, and no cache key rebuilt per request (see bench/shutdown_latency.py).
+_PC = table(PcInfo)
+_METRICS = table(PcMetrics)
+_INSERT_EVENT = insert(table(PowerEvent))
+_GO_OFFLINE = (
+    update(_PC)
+    .where(_PC.c.machine_id == bindparam("b_mid"), _PC.c.state == PcState.ONLINE)
+    .values(
+        state=PcState.OFFLINE,
+        is_online=False,
+        reason=bindparam("b_reason", type_=_PC.c.reason.type),
+        state_since=bindparam("b_now", type_=_PC.c.state_since.type),
+        last_seen=bindparam("b_now", type_=_PC.c.last_seen.type),
+        offline_after=None,
     )
+    .returning(_PC.c.id)
+)
+
+
+def _event(session: Session, t: Transition) -> Transition:
+    """Write the transition's power event, in the caller's transaction."""
+    row = {"pc_id": t.pc_id, "from_state": t.from_state, "to_state": t.to_state}
+    session.connection().execute(_INSERT_EVENT, {**row, "reason": t.reason, "at": t.at})
     return t
 
 
@@ -68,19 +86,8 @@ def set_offline_immediately(
 
     Returns the transition, or None when the PC was already offline for the same reason.
     """
-    pc_table = table(PcInfo)
-    result = session.execute(
-        update(pc_table)
-        .where(pc_table.c.machine_id == machine_id, pc_table.c.state == PcState.ONLINE)
-        .values(
-            state=PcState.OFFLINE,
-            is_online=False,
-            reason=reason,
-            state_since=now,
-            last_seen=now,
-            offline_after=None,
-        )
-        .returning(pc_table.c.id)
+    result = session.connection().execute(
+        _GO_OFFLINE, {"b_mid": machine_id, "b_reason": reason, "b_now": now}
     )
     pc_id = result.scalar_one_or_none()
     if pc_id is not None:
@@ -120,10 +127,11 @@ def mark_online(
     session: Session, pc: PcInfo, reason: str, now: dt.datetime, offline_after: float
 ) -> Transition | None:
     """Flip an offline PC online (conditional UPDATE); None if it already was. Caller commits."""
+    pc_id = pc.id  # read before expire(): afterwards it would reload the row
     pc_table = table(PcInfo)
     result = session.execute(
         update(pc_table)
-        .where(pc_table.c.id == pc.id, pc_table.c.state == PcState.OFFLINE)
+        .where(pc_table.c.id == pc_id, pc_table.c.state == PcState.OFFLINE)
         .values(
             state=PcState.ONLINE,
             is_online=True,
@@ -136,48 +144,78 @@ def mark_online(
     if affected(result) != 1:
         return None
     session.expire(pc)
-    return _event(session, Transition(pc.id, PcState.OFFLINE, PcState.ONLINE, reason, now))
+    return _event(session, Transition(pc_id, PcState.OFFLINE, PcState.ONLINE, reason, now))
 
 
 def apply_heartbeat(
     session: Session, pc: PcInfo, hb: HeartbeatRequest, now: dt.datetime, offline_after: float
 ) -> Transition | None:
-    """Write one heartbeat at once (the slow path: state changes and events); commits."""
+    """Write one heartbeat at once (the slow path: state changes and events); commits.
+
+    Core UPDATEs of what the heartbeat carries, without loading and flushing ORM objects
+    (see bench/shutdown_latency.py); `pc` is expired afterwards, so reading it reloads.
+    """
+    pc_id = pc.id
     transition = None
     if pc.state != PcState.ONLINE:
         reason = back_online_reason(pc, hb.event, hb.boot_time)
         transition = mark_online(session, pc, reason, now, offline_after)
-    pc.last_seen = now
-    pc.offline_after = now + dt.timedelta(seconds=offline_after)
-    _copy_identity(pc, hb)
-    if hb.event in (ClientEvent.LOGOFF,) and hb.current_user is None:
-        pc.current_user = None
-    metrics = session.get(PcMetrics, pc.id)
-    if metrics is None:
-        metrics = PcMetrics(pc_id=pc.id)
-        session.add(metrics)
-    copy_metrics(metrics, hb, now)
+    conn = session.connection()
+    contact = _identity_values(hb)
+    contact.update(last_seen=now, offline_after=now + dt.timedelta(seconds=offline_after))
+    conn.execute(update(_PC).where(_PC.c.id == pc_id).values(contact))
+    metrics = metric_values(hb, now)
+    done = conn.execute(update(_METRICS).where(_METRICS.c.pc_id == pc_id).values(metrics))
+    if affected(done) == 0:
+        conn.execute(insert(_METRICS).values(pc_id=pc_id, **metrics))
     session.commit()
+    session.expire(pc)
     return transition
 
 
-def _copy_identity(pc: PcInfo, hb: HeartbeatRequest) -> None:
-    for name in ("hostname", "ip_address", "client_version", "boot_time"):
-        value = getattr(hb, name)
-        if value is not None:
-            setattr(pc, name, value)
+def _identity_values(hb: HeartbeatRequest) -> dict[str, Any]:
+    """The pc_info columns a heartbeat sets: what it carries, and the user (gone at logoff)."""
+    values = {
+        name: getattr(hb, name)
+        for name in ("hostname", "ip_address", "client_version", "boot_time")
+        if getattr(hb, name) is not None
+    }
     if "current_user" in hb.model_fields_set:
-        pc.current_user = hb.current_user
+        values["current_user"] = hb.current_user
+    elif hb.event == ClientEvent.LOGOFF:
+        values["current_user"] = None
+    if hb.hardware is not None:  # sent at boot, so specs never go stale
+        values.update(hardware_values(hb.hardware))
+    return values
 
 
-def copy_metrics(metrics: PcMetrics, hb: HeartbeatRequest, now: dt.datetime) -> None:
-    metrics.at = now
-    for name in ("cpu_percent", "ram_used", "ram_percent", "uptime", "processes"):
-        value = getattr(hb, name)
-        if value is not None:
-            setattr(metrics, name, value)
+def hardware_values(hw: Hardware) -> dict[str, Any]:
+    """The pc_info columns a hardware report sets."""
+    return {
+        "os_name": hw.os_name,
+        "os_version": hw.os_version,
+        "os_edition": hw.os_edition,
+        "cpu_model": hw.cpu_model,
+        "cpu_cores": hw.cpu_cores,
+        "cpu_threads": hw.cpu_threads,
+        "ram_total": hw.ram_total,
+        "ip_address": hw.ip_address,
+        "mac_addresses": [m.lower().replace("-", ":") for m in hw.mac_addresses],
+        "disks": [d.model_dump() for d in hw.disks],
+    }
+
+
+def metric_values(hb: HeartbeatRequest, now: dt.datetime) -> dict[str, Any]:
+    """The pc_metrics columns a heartbeat sets: its time and every reading it carries."""
+    values: dict[str, Any] = {
+        name: getattr(hb, name)
+        for name in ("cpu_percent", "ram_used", "ram_percent", "uptime", "processes")
+        if getattr(hb, name) is not None
+    }
+    values["at"] = now
     if hb.disks is not None:
-        metrics.disks = [d.model_dump() for d in hb.disks]
+        values["disks"] = [d.model_dump() for d in hb.disks]
+    return values
 
 
 def register(
@@ -216,13 +254,8 @@ def register(
     pc.client_version = req.client_version
     pc.last_seen = now
     pc.offline_after = now + dt.timedelta(seconds=offline_after)
-    hw = req.hardware
-    for name in ("os_name", "os_version", "os_edition", "cpu_model", "cpu_cores", "cpu_threads"):
-        setattr(pc, name, getattr(hw, name))
-    pc.ram_total = hw.ram_total
-    pc.ip_address = hw.ip_address
-    pc.mac_addresses = [m.lower().replace("-", ":") for m in hw.mac_addresses]
-    pc.disks = [d.model_dump() for d in hw.disks]
+    for name, value in hardware_values(req.hardware).items():
+        setattr(pc, name, value)
     token = new_token()
     cred = session.execute(
         select(PcCredential).where(PcCredential.pc_id == pc.id)
