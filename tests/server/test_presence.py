@@ -141,3 +141,30 @@ def test_tick_publishes_changes_on_the_live_bus(rt: Runtime) -> None:
         "offline",
         "lost",
     )
+
+
+def test_retention_deletes_only_what_is_past_its_time(rt: Runtime) -> None:
+    from wcms.server.models import MetricSample
+
+    now = utcnow()
+    with rt.sessions() as s:
+        pc = add_pc(s, "PC-PRUNE-001", now=now - dt.timedelta(days=400))
+        s.add_all(
+            [
+                MetricSample(pc_id=pc.id, at=now - dt.timedelta(days=15), cpu_percent=1.0),
+                MetricSample(pc_id=pc.id, at=now - dt.timedelta(days=1), cpu_percent=2.0),
+                PowerEvent(
+                    pc_id=pc.id,
+                    from_state="online",
+                    to_state="offline",
+                    reason="shutdown",
+                    at=now - dt.timedelta(days=10),
+                ),
+            ]
+        )
+        s.commit()
+    counts = rt.prune(now)
+    assert counts["metric_samples"] == 1 and counts["power_events"] == 1  # the 400-day-old one
+    with rt.sessions() as s:
+        assert [m.cpu_percent for m in s.execute(select(MetricSample)).scalars()] == [2.0]
+        assert events(s, pc) == [("online", "offline", "shutdown")]

@@ -27,7 +27,11 @@ STATE_FILE = "state.json"
 LOG_FILE = "client.log"
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
-_FILE_KEYS = frozenset({"server_url", "pin", "log_level"})
+_FILE_KEYS = frozenset({"server_url", "pin", "log_level", "dry_run_power", "test_controls"})
+# Switches: true/false in client.json, 1/0 (true/false, yes/no, on/off) in the environment.
+_FLAGS = frozenset({"dry_run_power", "test_controls"})
+_TRUE = frozenset({"1", "true", "yes", "on"})
+_FALSE = frozenset({"0", "false", "no", "off"})
 _PIN_RE = re.compile(rf"^[0-9]{{{protocol.PIN_LENGTH}}}$")
 _MACHINE_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{8,128}$")
 
@@ -46,6 +50,10 @@ class ClientConfig:
     pin: str | None = None
     machine_id: str | None = None  # WCMS_MACHINE_ID: overrides the platform's identity
     log_level: str = "INFO"
+    # Record shutdown/restart/logoff/lock instead of doing them (demos, tests).
+    dry_run_power: bool = False
+    # Windows: honour the test-only control code that replays PreShutdown (tests under Wine).
+    test_controls: bool = False
 
     @property
     def config_file(self) -> Path:
@@ -114,6 +122,8 @@ def _from_env(env: Mapping[str, str]) -> dict[str, str]:
         "pin": "WCMS_PIN",
         "machine_id": "WCMS_MACHINE_ID",
         "log_level": "WCMS_LOG_LEVEL",
+        "dry_run_power": "WCMS_DRY_RUN_POWER",
+        "test_controls": "WCMS_TEST_CONTROLS",
     }
     return {key: env[name] for key, name in names.items() if env.get(name)}
 
@@ -124,10 +134,21 @@ def _apply(config: ClientConfig, values: Mapping[str, Any], source: str) -> Clie
     for key, raw in values.items():
         if raw is None:
             continue
+        if key in _FLAGS:
+            changes[key] = _flag(key, raw, source)
+            continue
         if not isinstance(raw, str):
             raise ConfigError(f"{key} in {source} must be a string")
         changes[key] = _validate(key, raw.strip(), source)
     return replace(config, **changes)
+
+
+def _flag(key: str, raw: object, source: str) -> bool:
+    if isinstance(raw, bool):
+        return raw
+    if isinstance(raw, str) and raw.strip().lower() in _TRUE | _FALSE:
+        return raw.strip().lower() in _TRUE
+    raise ConfigError(f"{key} in {source} must be true or false")
 
 
 def _validate(key: str, value: str, source: str) -> str:

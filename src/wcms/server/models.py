@@ -200,3 +200,55 @@ class Setting(Base):
 
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[str] = mapped_column(Text)
+
+
+class CommandBatch(Base):
+    """One admin command to one or many PCs: what, by whom, to which target, until when.
+
+    `args` never holds a secret (passwords live sealed on each Command until it is final).
+    """
+
+    __tablename__ = "command_batches"
+    __table_args__ = (Index("ix_command_batches_created_at", "created_at"),)
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    created_by: Mapped[str] = mapped_column(String(100))
+    type: Mapped[str] = mapped_column(String(32))
+    args: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    target: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    run_when_online: Mapped[bool] = mapped_column(Boolean, default=False)
+    pc_count: Mapped[int] = mapped_column(Integer, default=0)
+
+
+class Command(Base):
+    """One command for one PC: queued -> delivered -> running -> succeeded / failed, or
+    expired / cancelled; each step timestamped."""
+
+    __tablename__ = "commands"
+    __table_args__ = (
+        Index("ix_commands_pc_status", "pc_id", "status"),
+        Index("ix_commands_status_expires_at", "status", "expires_at"),
+        Index("ix_commands_batch_id", "batch_id"),
+    )
+
+    id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
+    batch_id: Mapped[int] = mapped_column(ForeignKey("command_batches.id", ondelete="CASCADE"))
+    pc_id: Mapped[int] = mapped_column(ForeignKey("pc_info.id", ondelete="CASCADE"))
+    type: Mapped[str] = mapped_column(String(32))
+    args: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    # Fernet token of the secret arguments (a password); NULL once final or when there is none.
+    secret: Mapped[str | None] = mapped_column(Text)
+    status: Mapped[str] = mapped_column(String(16))
+    run_when_online: Mapped[bool] = mapped_column(Boolean, default=False)
+    queued_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    delivered_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    started_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    finished_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    exit_code: Mapped[int | None] = mapped_column(Integer)
+    stdout: Mapped[str | None] = mapped_column(Text)
+    stderr: Mapped[str | None] = mapped_column(Text)
+    error: Mapped[str | None] = mapped_column(Text)

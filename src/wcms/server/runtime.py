@@ -17,7 +17,8 @@ from wcms.protocol import PresenceMode, PresenceTiming
 from wcms.server.config import Settings
 from wcms.server.db import utcnow
 from wcms.server.models import Setting
-from wcms.server.services import pc_service
+from wcms.server.services import commands, pc_service, retention
+from wcms.server.services.doorbell import Doorbell
 from wcms.server.services.heartbeats import HeartbeatBuffer
 from wcms.server.services.live import Bus
 from wcms.server.services.pc_service import Transition
@@ -25,6 +26,7 @@ from wcms.server.services.ratelimit import FailureLimiter
 
 log = logging.getLogger(__name__)
 
+PRUNE_EVERY = 3600.0  # seconds between retention passes
 TOKEN_CACHE_TTL = 60.0  # seconds a token lookup is trusted before the database is asked again
 
 
@@ -36,6 +38,7 @@ class Runtime:
     sessions: sessionmaker[Session]
     buffer: HeartbeatBuffer
     bus: Bus = field(default_factory=Bus)
+    doorbell: Doorbell = field(default_factory=Doorbell)  # wakes command long polls per PC
     pin_limiter: FailureLimiter = field(default_factory=lambda: FailureLimiter(10, 30))
     login_limiter: FailureLimiter = field(default_factory=lambda: FailureLimiter(5, 10))
     mode: PresenceMode = PresenceMode.STANDARD
@@ -45,6 +48,11 @@ class Runtime:
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+
+    def forget_tokens(self, pc_id: int) -> None:
+        """Drop a PC's cached tokens (it registered again); other PCs keep theirs."""
+        for digest in [d for d, hit in self.tokens.items() if hit[0] == pc_id]:
+            self.tokens.pop(digest, None)
 
     @property
     def timing(self) -> PresenceTiming:
@@ -75,6 +83,12 @@ class Runtime:
             self._thread = threading.Thread(target=self._loop, name="wcms-presence", daemon=True)
             self._thread.start()
 
+    def begin_shutdown(self) -> None:
+        """The process is stopping: answer waiting polls and end live streams now, so the
+        graceful stop takes a moment instead of a whole poll timeout."""
+        self.doorbell.close()
+        self.bus.publish({"type": "server_closing"})
+
     def stop_background(self) -> None:
         self._stop.set()
         if self._thread is not None:
@@ -83,15 +97,29 @@ class Runtime:
 
     def _loop(self) -> None:
         next_check = 0.0
+        next_prune = time.monotonic() + 60  # not in the busy first minute after a start
         while not self._stop.wait(min(self.settings.flush_interval, self.timing.check_interval)):
             mono = time.monotonic()
             due = mono >= next_check
             try:
                 self.tick(utcnow(), check=due)
+                if mono >= next_prune:
+                    next_prune = mono + PRUNE_EVERY
+                    self.prune(utcnow())
             except Exception:  # the loop must outlive a database hiccup
                 log.exception("presence loop failed; trying again")
             if due:
                 next_check = mono + self.timing.check_interval
+
+    def prune(self, now: dt.datetime) -> dict[str, int]:
+        """Delete rows past their retention (metric samples, power events, dead PINs)."""
+        with self.sessions() as s:
+            counts = retention.prune(
+                s, now, self.settings.metrics_retention_days, self.settings.events_retention_days
+            )
+        if any(counts.values()):
+            log.info("retention: deleted %s", counts)
+        return counts
 
     def tick(self, now: dt.datetime, check: bool = True) -> list[Transition]:
         """Flush buffered heartbeats, then (if `check`) mark overdue PCs lost."""
@@ -101,7 +129,15 @@ class Runtime:
             if check:
                 changed += pc_service.mark_overdue_lost(s, now, timing.check_interval)
         self.publish(changed)
+        if check:
+            self.expire_commands(now)
         return changed
+
+    def expire_commands(self, now: dt.datetime) -> None:
+        """Expire commands nobody fetched in time; fail running ones that never reported."""
+        with self.sessions() as s:
+            for change in commands.expire_overdue(s, now):
+                self.bus.publish(change.as_message())
 
 
 def runtime() -> Runtime:

@@ -1,0 +1,329 @@
+"""Remote commands over HTTP: the agent's channel (long poll, ack, result) and the admin API.
+
+The long poll waits on the PC's doorbell (services/doorbell.py), never on a database loop: it
+looks once, sleeps until a command is queued for its PC or the timeout passes, looks again.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Iterable
+from typing import Annotated, Any, Literal
+
+from flask import Blueprint, jsonify, request
+from flask.typing import ResponseReturnValue
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from wcms.protocol import CLIENT_PREFIX, CommandStatus, CommandType, ErrorCode
+from wcms.server.auth import PcIdentity, client_address, current_admin, current_pc, db
+from wcms.server.db import utcnow
+from wcms.server.errors import ApiError
+from wcms.server.models import Command, CommandBatch, PcInfo
+from wcms.server.openapi import documented
+from wcms.server.runtime import Runtime, runtime
+from wcms.server.schemas import HeartbeatRequest, MachineId, Strict, parse, parse_body
+from wcms.server.services import command_args, command_views, commands, pc_service
+from wcms.server.services.commands import Change
+
+client_bp = Blueprint("client_commands", __name__, url_prefix=CLIENT_PREFIX)
+bp = Blueprint("admin_commands", __name__, url_prefix="/api")
+
+
+def _publish(rt: Runtime, changes: Iterable[Change]) -> None:
+    for change in changes:
+        rt.bus.publish(change.as_message())
+
+
+# ---------------------------------------------------------------------------- the agent's side
+
+
+class PollQuery(BaseModel):
+    """Query parameters arrive as strings, so this model converts (it is not Strict)."""
+
+    model_config = ConfigDict(extra="forbid")
+    machine_id: MachineId
+    timeout: Annotated[float, Field(ge=0, le=3600)] | None = None
+    boot_time: Annotated[float, Field(ge=0, le=1e11)] | None = None
+
+
+class AckRequest(Strict):
+    machine_id: MachineId
+
+
+class ResultRequest(Strict):
+    machine_id: MachineId
+    status: Literal["succeeded", "failed", "expired"]
+    exit_code: Annotated[int, Field(ge=-(2**31), le=2**32 - 1)] | None = None
+    stdout: str = ""  # longer than MAX_OUTPUT_CHARS is cut by the server
+    stderr: str = ""
+    error: Annotated[str, Field(max_length=4000)] | None = None
+
+
+def _answer(body: dict[str, Any], status: int = 200) -> ResponseReturnValue:
+    return jsonify({**body, "config": runtime().wire_config()}), status
+
+
+@client_bp.get("/commands")
+@documented(
+    "Long poll: this PC's pending commands, at once or as soon as one is queued",
+    auth="pc",
+    tag="client",
+    query={
+        "machine_id": "the token's machine (required)",
+        "timeout": "seconds to wait when nothing is pending; at most the server's poll_timeout",
+        "boot_time": "the PC's boot time (epoch s): power commands queued before it expire",
+    },
+)
+def poll() -> ResponseReturnValue:
+    query = parse(PollQuery, request.args.to_dict())
+    who = current_pc(query.machine_id)
+    rt = runtime()
+    limit = rt.timing.poll_timeout
+    wait = limit if query.timeout is None else min(query.timeout, limit)
+    _contact(rt, who, utcnow(), query.boot_time)
+    deadline = time.monotonic() + wait
+    with rt.doorbell.listen(who.pc_id) as bell:
+        found = _deliver(rt, who.pc_id, query.boot_time)
+        while not found:
+            left = deadline - time.monotonic()
+            if left <= 0 or not bell.wait(left) or rt.doorbell.closed:
+                break
+            bell.clear()
+            found = _deliver(rt, who.pc_id, query.boot_time)
+    return _answer({"commands": found})
+
+
+def _contact(rt: Runtime, who: PcIdentity, now: dt.datetime, boot_time: float | None) -> None:
+    """A poll is contact, exactly like a heartbeat without a report (and it revives a PC)."""
+    if rt.buffer.knows_online(who.pc_id):
+        rt.buffer.touch(who.pc_id, who.machine_id, now)
+        return
+    s = db()
+    pc = s.get(PcInfo, who.pc_id)
+    if pc is None:
+        raise ApiError(401, ErrorCode.INVALID_TOKEN, "this PC was deleted; register again")
+    hb = HeartbeatRequest(machine_id=who.machine_id, boot_time=boot_time)
+    transition = pc_service.apply_heartbeat(s, pc, hb, now, rt.timing.offline_after)
+    rt.buffer.set_online(who.pc_id, True)
+    rt.publish(transition)
+
+
+def _deliver(rt: Runtime, pc_id: int, boot_time: float | None) -> list[dict[str, Any]]:
+    wire, changes = commands.deliver(
+        db(),
+        pc_id,
+        utcnow(),
+        server_secret=rt.secret_key,
+        ack_timeout=float(rt.settings.extra.get("command_ack_timeout", commands.ACK_TIMEOUT)),
+        boot_time=boot_time,
+    )
+    _publish(rt, changes)
+    return wire
+
+
+@client_bp.post("/commands/<int:command_id>/ack")
+@documented(
+    "The PC starts the command; run it only if the answer's status is `running`",
+    auth="pc",
+    tag="client",
+    body=AckRequest,
+    errors=(404,),
+)
+def ack(command_id: int) -> ResponseReturnValue:
+    req = parse_body(AckRequest)
+    who = current_pc(req.machine_id)
+    status, changes = commands.acknowledge(db(), who.pc_id, command_id, utcnow())
+    _publish(runtime(), changes)
+    return _answer({"id": command_id, "status": status})
+
+
+@client_bp.post("/commands/<int:command_id>/result")
+@documented(
+    "The outcome of a command; a repeat for a finished command changes nothing",
+    auth="pc",
+    tag="client",
+    body=ResultRequest,
+    errors=(404,),
+)
+def result(command_id: int) -> ResponseReturnValue:
+    req = parse_body(ResultRequest)
+    who = current_pc(req.machine_id)
+    rt = runtime()
+    report = commands.Report(
+        CommandStatus(req.status), req.exit_code, req.stdout, req.stderr, req.error
+    )
+    cmd, changes = commands.record_result(
+        db(), who.pc_id, command_id, report, utcnow(), server_secret=rt.secret_key
+    )
+    _publish(rt, changes)
+    return _answer({"id": command_id, "status": cmd.status})
+
+
+# ---------------------------------------------------------------------------- the admin's side
+
+
+@bp.before_request
+def _require_admin() -> None:
+    current_admin()
+
+
+Id = Annotated[int, Field(ge=1, le=2**62)]
+
+
+class TargetBody(Strict):
+    """Exactly one of pc_ids, room_id, all_online."""
+
+    pc_ids: Annotated[list[Id], Field(min_length=1, max_length=commands.MAX_TARGET_PCS)] | None = (
+        None
+    )
+    room_id: Id | None = None
+    all_online: Literal[True] | None = None
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> TargetBody:
+        given = [v for v in (self.pc_ids, self.room_id, self.all_online) if v is not None]
+        if len(given) != 1:
+            raise ValueError("give exactly one of pc_ids, room_id or all_online")
+        return self
+
+
+class SendCommand(Strict):
+    type: Annotated[CommandType, Field(strict=False)]
+    args: dict[str, Any] = Field(
+        default_factory=dict,
+        description="per type (docs/API.md): shutdown/restart {delay, message}; message {text, "
+        "title}; run {command, timeout}; install/uninstall {package}; kill {name | pid}; "
+        "account_create {username, password, full_name, language}; account_delete {username}; "
+        "account_password {username, password}; logoff, lock {}",
+    )
+    target: TargetBody
+    expires_in: (
+        Annotated[int, Field(ge=5, le=int(command_args.MAX_EXPIRY.total_seconds()))] | None
+    ) = None
+    run_when_online: bool = False
+
+
+def _int_arg(name: str, default: int, lo: int, hi: int) -> int:
+    raw = request.args.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = lo - 1
+    if not lo <= value <= hi:
+        raise ApiError(400, ErrorCode.VALIDATION, f"{name}: a whole number from {lo} to {hi}")
+    return value
+
+
+def _batch(batch_id: int) -> CommandBatch:
+    batch = db().get(CommandBatch, batch_id)
+    if batch is None:
+        raise ApiError(404, ErrorCode.NOT_FOUND, f"no batch with id {batch_id}")
+    return batch
+
+
+@bp.post("/commands")
+@documented(
+    "Send a command to PCs, a room or every online PC: one batch, audited",
+    auth="admin",
+    tag="commands",
+    body=SendCommand,
+    ok=201,
+    errors=(409,),
+)
+def send() -> ResponseReturnValue:
+    req = parse_body(SendCommand)
+    who = current_admin()
+    rt, s = runtime(), db()
+    target = commands.Target(
+        pc_ids=tuple(req.target.pc_ids or ()),
+        room_id=req.target.room_id,
+        all_online=bool(req.target.all_online),
+    )
+    expires_in = None if req.expires_in is None else dt.timedelta(seconds=req.expires_in)
+    batch, pc_ids = commands.queue(
+        s,
+        actor=who.name,
+        kind=req.type,
+        args=req.args,
+        target=target,
+        now=utcnow(),
+        server_secret=rt.secret_key,
+        expires_in=expires_in,
+        run_when_online=req.run_when_online,
+        ip=client_address(),
+    )
+    rt.doorbell.ring(pc_ids)
+    rt.bus.publish(
+        {"type": "batch", "batch_id": batch.id, "command": batch.type, "total": len(pc_ids)}
+    )
+    return jsonify(command_views.batch_detail(s, batch)), 201
+
+
+@bp.get("/batches")
+@documented(
+    "Recent command batches with their progress counts, newest first",
+    auth="admin",
+    tag="commands",
+    query={"limit": "1-500 (default 50)"},
+)
+def list_batches() -> ResponseReturnValue:
+    limit = _int_arg("limit", 50, 1, 500)
+    return jsonify({"batches": command_views.recent_batches(db(), limit)})
+
+
+@bp.get("/batches/<int:batch_id>")
+@documented("One batch with per-PC status and output", auth="admin", tag="commands")
+def get_batch(batch_id: int) -> ResponseReturnValue:
+    return jsonify(command_views.batch_detail(db(), _batch(batch_id)))
+
+
+@bp.post("/batches/<int:batch_id>/cancel")
+@documented(
+    "Cancel the batch's commands that have not started yet (running ones finish)",
+    auth="admin",
+    tag="commands",
+)
+def cancel_batch(batch_id: int) -> ResponseReturnValue:
+    batch = _batch(batch_id)
+    s, rt = db(), runtime()
+    changes = commands.cancel(
+        s, actor=current_admin().name, now=utcnow(), batch_id=batch.id, ip=client_address()
+    )
+    _publish(rt, changes)
+    return jsonify(command_views.batch_detail(s, batch))
+
+
+@bp.post("/commands/<int:command_id>/cancel")
+@documented(
+    "Cancel one command if it has not started yet", auth="admin", tag="commands", errors=(404,)
+)
+def cancel_command(command_id: int) -> ResponseReturnValue:
+    s, rt = db(), runtime()
+    cmd = s.get(Command, command_id)
+    if cmd is None:
+        raise ApiError(404, ErrorCode.NOT_FOUND, f"no command with id {command_id}")
+    changes = commands.cancel(
+        s, actor=current_admin().name, now=utcnow(), command_id=command_id, ip=client_address()
+    )
+    _publish(rt, changes)
+    s.refresh(cmd)
+    pc = s.get(PcInfo, cmd.pc_id)
+    return jsonify(command_views.command_view(cmd, pc.hostname if pc else None))
+
+
+@bp.get("/pcs/<int:pc_id>/commands")
+@documented(
+    "A PC's command history, newest first",
+    auth="admin",
+    tag="commands",
+    query={"limit": "1-500 (default 50)"},
+)
+def pc_commands(pc_id: int) -> ResponseReturnValue:
+    limit = _int_arg("limit", 50, 1, 500)
+    pc = db().get(PcInfo, pc_id)
+    if pc is None:
+        raise ApiError(404, ErrorCode.NOT_FOUND, f"no PC with id {pc_id}")
+    return jsonify({"commands": command_views.pc_history(db(), pc, limit)})

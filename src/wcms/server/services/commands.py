@@ -1,0 +1,454 @@
+"""Remote commands: queue a batch, deliver (at least once), acknowledge, record results, expire.
+
+Lifecycle of one command: queued -> delivered -> running -> succeeded | failed, or expired |
+cancelled from queued/delivered. Every step is a conditional UPDATE on the current status, so
+two requests racing on one command cannot both move it. Functions take the session and `now`,
+own their transaction, and answer the changes for the live bus.
+
+Delivery is at least once: a delivered command that is not acknowledged within `ack_timeout` is
+delivered again on the PC's next poll (the client runs each id once). The acknowledgement is the
+commit point: the client runs a command only when its ack answers `running`, so a command
+cancelled or expired before that never runs.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import and_, insert, or_, select, update
+from sqlalchemy.orm import Session
+
+from wcms.protocol import (
+    FINAL_COMMAND_STATUSES,
+    MAX_OUTPUT_CHARS,
+    POWER_COMMANDS,
+    CommandStatus,
+    CommandType,
+    ErrorCode,
+    PcState,
+)
+from wcms.server.db import affected
+from wcms.server.errors import ApiError
+from wcms.server.models import Command, CommandBatch, PcInfo, Room
+from wcms.server.services import audit, command_args, secretbox
+
+log = logging.getLogger(__name__)
+
+ACK_TIMEOUT = 10.0  # seconds a delivered command waits for its ack before it is delivered again
+MAX_ATTEMPTS = 5  # deliveries without an ack before the command is failed
+DELIVERY_BATCH = 20  # commands handed over in one poll answer
+BOOT_SLACK = 5.0  # seconds of clock disagreement tolerated by the "booted since" check
+NO_RESULT = "no result from the PC in time"
+MAX_TARGET_PCS = 5000
+OPEN = (CommandStatus.QUEUED, CommandStatus.DELIVERED)
+STALE_ON_BOOT = POWER_COMMANDS | {CommandType.LOCK}
+
+
+@dataclass(frozen=True)
+class Target:
+    """Exactly one of: these PCs, every PC of a room, every online PC."""
+
+    pc_ids: tuple[int, ...] = ()
+    room_id: int | None = None
+    all_online: bool = False
+
+
+@dataclass(frozen=True)
+class Change:
+    command_id: int
+    batch_id: int
+    pc_id: int
+    status: str
+    at: dt.datetime
+
+    def as_message(self) -> dict[str, Any]:
+        return {
+            "type": "command",
+            "command_id": self.command_id,
+            "batch_id": self.batch_id,
+            "pc_id": self.pc_id,
+            "status": self.status,
+            "at": self.at.isoformat(),
+        }
+
+
+@dataclass(frozen=True)
+class Report:
+    """What a client says about a command it ran."""
+
+    status: CommandStatus
+    exit_code: int | None = None
+    stdout: str = ""
+    stderr: str = ""
+    error: str | None = None
+
+
+# ---------------------------------------------------------------------------- queueing
+
+
+def queue(
+    session: Session,
+    *,
+    actor: str,
+    kind: CommandType,
+    args: dict[str, Any],
+    target: Target,
+    now: dt.datetime,
+    server_secret: str,
+    expires_in: dt.timedelta | None = None,
+    run_when_online: bool = False,
+    ip: str | None = None,
+) -> tuple[CommandBatch, list[int]]:
+    """Queue one command for every PC of `target` as one batch; audit it. Commits.
+
+    Answers the batch and the PC ids, so the caller can ring their doorbells.
+    """
+    public, secret = command_args.validate_args(kind, args)
+    pc_ids, description = _resolve(session, target)
+    expires_at = now + (expires_in or command_args.default_expiry(kind, run_when_online))
+    shown = command_args.redacted(public, set(secret))
+    batch = CommandBatch(
+        created_by=actor,
+        type=str(kind),
+        args=shown,
+        target=description,
+        created_at=now,
+        expires_at=expires_at,
+        run_when_online=run_when_online,
+        pc_count=len(pc_ids),
+    )
+    session.add(batch)
+    session.flush()
+    sealed = secretbox.seal(server_secret, secret) if secret else None
+    rows = [
+        {
+            "batch_id": batch.id,
+            "pc_id": pc_id,
+            "type": str(kind),
+            "args": public,
+            "secret": sealed,
+            "status": CommandStatus.QUEUED,
+            "run_when_online": run_when_online,
+            "queued_at": now,
+            "expires_at": expires_at,
+            "attempts": 0,
+        }
+        for pc_id in pc_ids
+    ]
+    session.execute(insert(Command), rows)
+    details = {
+        "batch_id": batch.id,
+        "type": str(kind),
+        "args": shown,
+        "pc_ids": pc_ids,
+        "expires_at": expires_at.isoformat(),
+        "run_when_online": run_when_online,
+    }
+    audit.record(session, actor, "command.send", now, description, details, ip)
+    session.commit()
+    return batch, pc_ids
+
+
+def _resolve(session: Session, target: Target) -> tuple[list[int], str]:
+    """The PC ids a target names and a description of it for people; 4xx when it names none."""
+    if target.all_online:
+        query = select(PcInfo.id).where(PcInfo.state == PcState.ONLINE).order_by(PcInfo.id)
+        ids = list(session.execute(query).scalars())
+        if not ids:
+            raise ApiError(409, ErrorCode.CONFLICT, "no PC is online")
+        return ids, f"every online PC ({len(ids)})"
+    if target.room_id is not None:
+        room = session.get(Room, target.room_id)
+        if room is None:
+            raise ApiError(404, ErrorCode.NOT_FOUND, f"no room with id {target.room_id}")
+        query = select(PcInfo.id).where(PcInfo.room_id == room.id).order_by(PcInfo.id)
+        ids = list(session.execute(query).scalars())
+        if not ids:
+            raise ApiError(409, ErrorCode.CONFLICT, f"room {room.name!r} has no PCs")
+        return ids, f"room {room.name} ({len(ids)} PCs)"
+    wanted = sorted(set(target.pc_ids))
+    found = set(session.execute(select(PcInfo.id).where(PcInfo.id.in_(wanted))).scalars())
+    missing = [i for i in wanted if i not in found]
+    if missing:
+        raise ApiError(404, ErrorCode.NOT_FOUND, f"no PC with id {', '.join(map(str, missing))}")
+    if len(wanted) == 1:
+        hostname = session.execute(select(PcInfo.hostname).where(PcInfo.id == wanted[0])).scalar()
+        return wanted, f"PC {wanted[0]} ({hostname})"
+    return wanted, f"{len(wanted)} selected PCs"
+
+
+# ---------------------------------------------------------------------------- the PC's side
+
+
+def deliver(
+    session: Session,
+    pc_id: int,
+    now: dt.datetime,
+    *,
+    server_secret: str,
+    ack_timeout: float = ACK_TIMEOUT,
+    boot_time: float | None = None,
+) -> tuple[list[dict[str, Any]], list[Change]]:
+    """Hand the PC its pending commands (new ones, and unacknowledged ones again). Commits.
+
+    `boot_time` (epoch seconds, from the poll) lets power commands queued before the PC's
+    current boot expire instead of shutting down a machine someone just switched on.
+    """
+    resend_before = now - dt.timedelta(seconds=ack_timeout)
+    rows = session.execute(
+        select(Command)
+        .where(
+            Command.pc_id == pc_id,
+            or_(
+                Command.status == CommandStatus.QUEUED,
+                and_(
+                    Command.status == CommandStatus.DELIVERED,
+                    Command.delivered_at <= resend_before,
+                ),
+            ),
+        )
+        .order_by(Command.id)
+        .limit(DELIVERY_BATCH)
+    ).scalars()
+    wire: list[dict[str, Any]] = []
+    changes: list[Change] = []
+    for cmd in list(rows):
+        refusal = _refusal(cmd, now, boot_time)
+        if refusal is not None:
+            status, error = refusal
+            changes += _finish_open(session, cmd, status, now, error)
+            continue
+        try:
+            secret = secretbox.unseal(server_secret, cmd.secret) if cmd.secret else {}
+        except secretbox.SecretUnreadable as exc:
+            changes += _finish_open(session, cmd, CommandStatus.FAILED, now, str(exc))
+            continue
+        attempt = cmd.attempts + 1
+        wire_form = _wire(cmd, secret, now, attempt)
+        moved = session.execute(
+            update(Command)
+            .where(
+                Command.id == cmd.id,
+                Command.status == cmd.status,
+                Command.attempts == cmd.attempts,
+            )
+            .values(status=CommandStatus.DELIVERED, delivered_at=now, attempts=attempt)
+        )
+        if affected(moved) == 1:
+            wire.append(wire_form)
+            changes.append(Change(cmd.id, cmd.batch_id, pc_id, CommandStatus.DELIVERED, now))
+    session.commit()
+    return wire, changes
+
+
+def _refusal(
+    cmd: Command, now: dt.datetime, boot_time: float | None
+) -> tuple[CommandStatus, str] | None:
+    """Why `cmd` must not be delivered now, as (final status, error), or None."""
+    if cmd.expires_at <= now:
+        return CommandStatus.EXPIRED, "not delivered before it expired"
+    if cmd.attempts >= MAX_ATTEMPTS:
+        return CommandStatus.FAILED, f"delivered {cmd.attempts} times, never acknowledged"
+    booted_since = boot_time is not None and boot_time > cmd.queued_at.timestamp() + BOOT_SLACK
+    if booted_since and cmd.type in STALE_ON_BOOT and not cmd.run_when_online:
+        return CommandStatus.EXPIRED, "the PC started again after the command was queued"
+    return None
+
+
+def _wire(cmd: Command, secret: dict[str, Any], now: dt.datetime, attempt: int) -> dict[str, Any]:
+    return {
+        "id": cmd.id,
+        "type": cmd.type,
+        "args": {**cmd.args, **secret},
+        "queued_at": _iso(cmd.queued_at),
+        "expires_at": _iso(cmd.expires_at),
+        "age": round((now - cmd.queued_at).total_seconds(), 3),
+        "run_when_online": cmd.run_when_online,
+        "attempt": attempt,
+    }
+
+
+def _iso(value: dt.datetime) -> str:
+    return value.isoformat().replace("+00:00", "Z")
+
+
+def _finish_open(
+    session: Session, cmd: Command, status: CommandStatus, now: dt.datetime, error: str
+) -> list[Change]:
+    """Move a queued/delivered command to a final status and wipe its secret. Caller commits."""
+    moved = session.execute(
+        update(Command)
+        .where(Command.id == cmd.id, Command.status.in_(OPEN))
+        .values(status=status, finished_at=now, error=error, secret=None)
+    )
+    if affected(moved) != 1:
+        return []
+    return [Change(cmd.id, cmd.batch_id, cmd.pc_id, status, now)]
+
+
+def _own(session: Session, pc_id: int, command_id: int) -> Command:
+    """The command if it belongs to this PC; 404 otherwise (another PC's looks absent)."""
+    cmd = session.get(Command, command_id)
+    if cmd is None or cmd.pc_id != pc_id:
+        session.rollback()
+        raise ApiError(404, ErrorCode.NOT_FOUND, f"no command {command_id} for this PC")
+    return cmd
+
+
+def acknowledge(
+    session: Session, pc_id: int, command_id: int, now: dt.datetime
+) -> tuple[str, list[Change]]:
+    """The PC received the command and starts it: delivered -> running. Commits.
+
+    Idempotent: answers the status the command has now. The client runs the command only when
+    this answers `running`; anything else (cancelled, expired) means "do not run it".
+    """
+    cmd = _own(session, pc_id, command_id)
+    changes: list[Change] = []
+    if cmd.status in OPEN:
+        moved = session.execute(
+            update(Command)
+            .where(Command.id == cmd.id, Command.status.in_(OPEN))
+            .values(
+                status=CommandStatus.RUNNING, started_at=now, delivered_at=cmd.delivered_at or now
+            )
+        )
+        if affected(moved) == 1:
+            changes.append(Change(cmd.id, cmd.batch_id, pc_id, CommandStatus.RUNNING, now))
+        session.expire(cmd)
+    status = cmd.status
+    session.commit()
+    return status, changes
+
+
+def record_result(
+    session: Session,
+    pc_id: int,
+    command_id: int,
+    report: Report,
+    now: dt.datetime,
+    *,
+    server_secret: str,
+) -> tuple[Command, list[Change]]:
+    """Store the outcome; a duplicate for a final command changes nothing. Commits.
+
+    Secrets the command carried are cut out of the output before it is stored, and wiped.
+    A non-zero exit code is a failure whatever the client called it.
+    """
+    cmd = _own(session, pc_id, command_id)
+    late_after_timeout = cmd.status == CommandStatus.FAILED and cmd.error == NO_RESULT
+    if cmd.status in FINAL_COMMAND_STATUSES and not late_after_timeout:
+        session.rollback()
+        return cmd, []
+    secrets = _secret_values(server_secret, cmd.secret)
+    status = report.status
+    if status == CommandStatus.SUCCEEDED and report.exit_code not in (None, 0):
+        status = CommandStatus.FAILED
+    cmd.status = status
+    cmd.exit_code = report.exit_code
+    cmd.stdout = _clean(report.stdout, secrets)
+    cmd.stderr = _clean(report.stderr, secrets)
+    cmd.error = _clean(report.error, secrets) if report.error else None
+    cmd.delivered_at = cmd.delivered_at or now
+    cmd.started_at = cmd.started_at or now
+    cmd.finished_at = now
+    cmd.secret = None
+    session.commit()
+    return cmd, [Change(cmd.id, cmd.batch_id, pc_id, status, now)]
+
+
+def _secret_values(server_secret: str, sealed: str | None) -> list[str]:
+    if not sealed:
+        return []
+    try:
+        values = secretbox.unseal(server_secret, sealed)
+    except secretbox.SecretUnreadable:
+        return []
+    return [v for v in values.values() if isinstance(v, str) and v]
+
+
+def _clean(text: str | None, secrets: list[str]) -> str:
+    text = text or ""
+    for secret in secrets:
+        text = text.replace(secret, command_args.REDACTED)
+    if len(text) > MAX_OUTPUT_CHARS:
+        text = text[:MAX_OUTPUT_CHARS]
+    return text
+
+
+# ---------------------------------------------------------------------------- the admin's side
+
+
+def cancel(
+    session: Session,
+    *,
+    actor: str,
+    now: dt.datetime,
+    batch_id: int | None = None,
+    command_id: int | None = None,
+    ip: str | None = None,
+) -> list[Change]:
+    """Cancel what has not started yet (queued or delivered) in a batch or one command. Commits.
+
+    Running and finished commands are left alone: a command the PC acknowledged runs to the end.
+    """
+    query = select(Command).where(Command.status.in_(OPEN))
+    if batch_id is not None:
+        query = query.where(Command.batch_id == batch_id)
+    if command_id is not None:
+        query = query.where(Command.id == command_id)
+    changes: list[Change] = []
+    for cmd in list(session.execute(query).scalars()):
+        changes += _finish_open(session, cmd, CommandStatus.CANCELLED, now, f"cancelled by {actor}")
+    what = f"batch {batch_id}" if batch_id is not None else f"command {command_id}"
+    audit.record(
+        session,
+        actor,
+        "command.cancel",
+        now,
+        what,
+        {
+            "batch_id": batch_id,
+            "command_id": command_id,
+            "cancelled": [c.command_id for c in changes],
+        },
+        ip,
+    )
+    session.commit()
+    return changes
+
+
+def expire_overdue(session: Session, now: dt.datetime) -> list[Change]:
+    """The sweep: expire undelivered commands past their expiry, fail running ones that never
+    reported. Runs in the presence loop; commits."""
+    changes: list[Change] = []
+    overdue = session.execute(
+        select(Command).where(Command.status.in_(OPEN), Command.expires_at <= now)
+    ).scalars()
+    for cmd in list(overdue):
+        error = "not delivered before it expired"
+        if cmd.status == CommandStatus.DELIVERED:
+            error = "delivered but not acknowledged before it expired"
+        changes += _finish_open(session, cmd, CommandStatus.EXPIRED, now, error)
+    silent = session.execute(
+        select(Command).where(
+            Command.status == CommandStatus.RUNNING,
+            Command.started_at <= now - command_args.RUN_GRACE,
+        )
+    ).scalars()
+    for cmd in list(silent):
+        started = cmd.started_at or now
+        if started + command_args.run_limit(cmd.type, cmd.args) > now:
+            continue
+        moved = session.execute(
+            update(Command)
+            .where(Command.id == cmd.id, Command.status == CommandStatus.RUNNING)
+            .values(status=CommandStatus.FAILED, finished_at=now, error=NO_RESULT, secret=None)
+        )
+        if affected(moved) == 1:
+            changes.append(Change(cmd.id, cmd.batch_id, cmd.pc_id, CommandStatus.FAILED, now))
+    session.commit()
+    return changes
