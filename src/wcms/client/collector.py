@@ -198,8 +198,13 @@ class Collector:
 
     def processes(self) -> list[str]:
         entries: list[tuple[int, int, str | None]] = []
-        for proc in psutil.process_iter(["ppid", "name"]):
-            entries.append((proc.pid, proc.info.get("ppid") or 0, proc.info.get("name")))
+        # Asked one process at a time: some systems (Wine) fail the whole attribute-list
+        # scan with a plain OSError, and a process may vanish or be private at any moment.
+        for proc in psutil.process_iter():
+            try:
+                entries.append((proc.pid, proc.ppid(), proc.name()))
+            except (psutil.Error, OSError):
+                continue
         return process_names(entries)
 
 
