@@ -1,0 +1,150 @@
+"""Administrators: list, create, disable or enable, reset a password. Thin views.
+
+A generated password is shown once in the answer and never stored in plain text. No admin can
+disable themselves, and the last active admin cannot be disabled, so nobody is locked out.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from flask import Blueprint, jsonify
+from flask.typing import ResponseReturnValue
+from pydantic import Field
+from sqlalchemy import func, select
+
+from wcms.protocol import ErrorCode
+from wcms.server.auth import client_address, current_admin, db, login_session
+from wcms.server.db import utcnow
+from wcms.server.errors import ApiError
+from wcms.server.models import Admin
+from wcms.server.openapi import documented
+from wcms.server.schemas import Strict, parse_body
+from wcms.server.services import accounts, audit, views
+
+bp = Blueprint("admins_api", __name__, url_prefix="/api")
+
+Password = Annotated[str, Field(min_length=accounts.MIN_PASSWORD, max_length=1024)]
+
+
+@bp.before_request
+def _require_admin() -> None:
+    current_admin()
+
+
+def _audit(action: str, target: str) -> None:
+    audit.record(db(), current_admin().name, action, utcnow(), target, {}, client_address())
+
+
+def _view(a: Admin) -> dict[str, Any]:
+    return {
+        "id": a.id,
+        "username": a.username,
+        "active": a.is_active,
+        "created_at": views.iso(a.created_at),
+        "last_login_at": views.iso(a.last_login_at),
+    }
+
+
+def _admin(admin_id: int) -> Admin:
+    admin = db().get(Admin, admin_id)
+    if admin is None:
+        raise ApiError(404, ErrorCode.NOT_FOUND, f"no admin with id {admin_id}")
+    return admin
+
+
+class AdminCreate(Strict):
+    username: Annotated[str, Field(pattern=r"^[A-Za-z0-9._-]{1,64}$")]
+    password: Password | None = None  # none: the server generates one and answers it once
+
+
+class AdminUpdate(Strict):
+    active: bool
+
+
+class PasswordReset(Strict):
+    password: Password | None = None
+
+
+@bp.get("/admins")
+@documented("Administrators (never their passwords)", auth="admin", tag="admins")
+def list_admins() -> ResponseReturnValue:
+    rows = db().execute(select(Admin).order_by(Admin.username)).scalars()
+    return jsonify({"admins": [_view(a) for a in rows]})
+
+
+@bp.post("/admins")
+@documented(
+    "Create an admin; without a password one is generated and answered once",
+    auth="admin",
+    tag="admins",
+    body=AdminCreate,
+    ok=201,
+    errors=(409,),
+)
+def create_admin() -> ResponseReturnValue:
+    req = parse_body(AdminCreate)
+    password = req.password or accounts.generate_password()
+    s = db()
+    if s.execute(select(Admin.id).where(Admin.username == req.username)).first():
+        raise ApiError(409, ErrorCode.CONFLICT, f"admin {req.username!r} exists already")
+    try:
+        admin = accounts.create_admin(s, req.username, password, utcnow())
+    except accounts.AccountError as exc:
+        raise ApiError(400, ErrorCode.VALIDATION, str(exc)) from None
+    _audit("admin.create", admin.username)
+    s.commit()
+    body = _view(admin)
+    if req.password is None:
+        body["password"] = password
+    return jsonify(body), 201
+
+
+@bp.patch("/admins/<int:admin_id>")
+@documented(
+    "Disable (their sessions end at once) or enable an admin",
+    auth="admin",
+    tag="admins",
+    body=AdminUpdate,
+    errors=(409,),
+)
+def update_admin(admin_id: int) -> ResponseReturnValue:
+    req = parse_body(AdminUpdate)
+    s = db()
+    admin = _admin(admin_id)
+    if not req.active and admin.is_active:
+        if admin.id == current_admin().admin_id:
+            raise ApiError(409, ErrorCode.CONFLICT, "you cannot disable yourself")
+        active = s.execute(select(func.count()).where(Admin.is_active.is_(True))).scalar_one()
+        if active <= 1:
+            raise ApiError(409, ErrorCode.CONFLICT, "the last active admin cannot be disabled")
+    if admin.is_active != req.active:
+        admin.is_active = req.active
+        _audit("admin.enable" if req.active else "admin.disable", admin.username)
+    s.commit()
+    return jsonify(_view(admin))
+
+
+@bp.post("/admins/<int:admin_id>/password")
+@documented(
+    "Set an admin's password (their other sessions end); without one, generate and answer it",
+    auth="admin",
+    tag="admins",
+    body=PasswordReset,
+)
+def reset_password(admin_id: int) -> ResponseReturnValue:
+    req = parse_body(PasswordReset)
+    admin = _admin(admin_id)
+    password = req.password or accounts.generate_password()
+    try:
+        accounts.set_password(admin, password)
+    except accounts.AccountError as exc:
+        raise ApiError(400, ErrorCode.VALIDATION, str(exc)) from None
+    _audit("admin.password", admin.username)
+    db().commit()
+    if admin.id == current_admin().admin_id:
+        login_session(admin)  # keep this session; the others end
+    body = _view(admin)
+    if req.password is None:
+        body["password"] = password
+    return jsonify(body)

@@ -1,0 +1,1 @@
+"""The dashboard: HTML pages (views.py), their templates and static files, and i18n."""
