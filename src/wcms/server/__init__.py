@@ -71,8 +71,19 @@ def create_app(config: dict[str, Any] | Settings | None = None) -> Flask:
 
 
 def _register_blueprints(app: Flask) -> None:
-    from wcms.server.api import admin, client, meta
+    from wcms.server.api import admin, client, commands, meta
+    from wcms.server.api.install import register_install
 
     app.register_blueprint(meta.bp)
     app.register_blueprint(client.bp)
     app.register_blueprint(admin.bp)
+    from wcms.server.api import admins, events, rooms
+    from wcms.server.web import views as web_views
+
+    app.register_blueprint(rooms.bp)
+    app.register_blueprint(admins.bp)
+    app.register_blueprint(events.bp)
+    app.register_blueprint(web_views.bp)
+    app.register_blueprint(commands.client_bp)
+    app.register_blueprint(commands.bp)
+    register_install(app)

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from typing import Any
 
+import gevent
 from gunicorn.app.base import BaseApplication
+from gunicorn.workers.ggevent import GeventWorker
 
 from wcms.server.config import Settings
 
@@ -28,9 +30,23 @@ class _Gunicorn(BaseApplication):  # type: ignore[misc]
         return create_app(self.settings)
 
 
-def _worker_exit(_server: Any, worker: Any) -> None:
+def _runtime_of(worker: Any) -> Any:
     app = getattr(worker, "wsgi", None)
-    rt = getattr(app, "extensions", {}).get("wcms") if app is not None else None
+    return getattr(app, "extensions", {}).get("wcms") if app is not None else None
+
+
+class Worker(GeventWorker):  # type: ignore[misc]
+    """gunicorn's gevent worker that, on SIGTERM, also ends long polls and live streams."""
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        super().handle_exit(sig, frame)
+        rt = _runtime_of(self)
+        if rt is not None:
+            gevent.spawn(rt.begin_shutdown)  # out of the signal handler, into the hub
+
+
+def _worker_exit(_server: Any, worker: Any) -> None:
+    rt = _runtime_of(worker)
     if rt is not None:
         rt.stop_background()  # write buffered heartbeats before the process goes
 
@@ -39,7 +55,7 @@ def serve(settings: Settings, access_log: bool = False) -> None:
     options = {
         "bind": f"{settings.host}:{settings.port}",
         "workers": 1,
-        "worker_class": "gevent",
+        "worker_class": "wcms.server.runner.Worker",
         "worker_connections": 20000,
         "timeout": 60,
         "graceful_timeout": 10,
