@@ -145,16 +145,19 @@ class WCMSClientService(win32serviceutil.ServiceFramework):  # type: ignore[misc
 
     def _finish(self, reason: PowerReason | None) -> None:
         """Report the final reason once, synchronously, then let SvcDoRun return."""
+        # The 2 s budget starts when the control arrives, so telling restart from shutdown
+        # (an event-log read) comes out of it rather than on top of it.
+        deadline = time.monotonic() + client_config.SHUTDOWN_TIMEOUT
         with self._lock:
             first = self._final is None
             if first:
                 self._final = reason or power_off_reason()
         if first:
             self.ReportServiceStatus(win32service.SERVICE_STOP_PENDING, waitHint=STOP_WAIT_HINT_MS)
-            self._agent_call("stop", self._final, source=self._source)
+            self._agent_call("stop", self._final, source=self._source, deadline=deadline)
         win32event.SetEvent(self.stop_event)
 
-    def _agent_call(self, method: str, arg: object, **kwargs: str) -> None:
+    def _agent_call(self, method: str, arg: object, **kwargs: str | float) -> None:
         """Call agent.stop/report; an error is logged, never raised into the SCM's thread."""
         if self.agent is None:
             log.warning("%s(%s) before the agent started: ignored", method, arg)
