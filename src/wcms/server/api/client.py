@@ -62,7 +62,7 @@ def register() -> ResponseReturnValue:
     except IntegrityError:  # the same machine registering twice at the same instant
         s.rollback()
         raise ApiError(409, ErrorCode.CONFLICT, "registration raced; try again") from None
-    rt.tokens.clear()  # the PC's old token, wherever cached, is dead
+    rt.forget_tokens(pc.id)  # the PC's old token, wherever cached, is dead
     rt.publish(transition)
     rt.buffer.set_online(pc.id, True)
     return _answer({"pc_id": pc.id, "token": token, "state": PcState.ONLINE}, 201)

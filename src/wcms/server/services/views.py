@@ -6,7 +6,7 @@ import datetime as dt
 from typing import Any
 
 from sqlalchemy import select
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, defer
 
 from wcms.protocol import display_status
 from wcms.server.models import (
@@ -47,12 +47,23 @@ def pc_summary(pc: PcInfo, metrics: PcMetrics | None, room: Room | None) -> dict
     }
 
 
+# The summary shows none of the JSON lists; decoding them (80 process names per PC) was a third
+# of GET /api/pcs with 2,000 PCs (bench/idle_connections.py).
+_SUMMARY_SKIPS = (
+    defer(PcInfo.disks),
+    defer(PcInfo.mac_addresses),
+    defer(PcMetrics.disks),
+    defer(PcMetrics.processes),
+)
+
+
 def list_pcs(session: Session, room_id: int | None = None) -> list[dict[str, Any]]:
     query = (
         select(PcInfo, PcMetrics, Room)
         .outerjoin(PcMetrics, PcMetrics.pc_id == PcInfo.id)
         .outerjoin(Room, Room.id == PcInfo.room_id)
         .order_by(PcInfo.hostname, PcInfo.id)
+        .options(*_SUMMARY_SKIPS)
     )
     if room_id is not None:
         query = query.where(PcInfo.room_id == room_id)
