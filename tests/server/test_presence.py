@@ -168,3 +168,39 @@ def test_retention_deletes_only_what_is_past_its_time(rt: Runtime) -> None:
     with rt.sessions() as s:
         assert [m.cpu_percent for m in s.execute(select(MetricSample)).scalars()] == [2.0]
         assert events(s, pc) == [("online", "offline", "shutdown")]
+
+
+def test_process_lists_are_written_when_they_change_even_after_the_slow_path(rt: Runtime) -> None:
+    from wcms.server.models import PcMetrics
+
+    with rt.sessions() as s:
+        pc = add_pc(s, "PC-LIST-0001", now=utcnow())
+        pc_id, machine_id = pc.id, pc.machine_id
+    rt.buffer.set_online(pc_id, True)
+
+    def processes() -> list[str]:
+        with rt.sessions() as s:
+            row = s.get(PcMetrics, pc_id)
+            assert row is not None
+            return list(row.processes)
+
+    def buffered(procs: list[str]) -> None:
+        rt.buffer.add(pc_id, HeartbeatRequest(machine_id=machine_id, processes=procs), utcnow())
+        with rt.sessions() as s:
+            rt.buffer.flush(s, 35)
+
+    buffered(["a.exe"])
+    assert processes() == ["a.exe"]
+    buffered(["a.exe", "b.exe"])
+    assert processes() == ["a.exe", "b.exe"]
+    # The slow path (an event heartbeat) writes another list behind the buffer's back...
+    with rt.sessions() as s:
+        row = s.get(PcInfo, pc_id)
+        assert row is not None
+        hb = HeartbeatRequest(machine_id=machine_id, event="logon", processes=["c.exe"])
+        pc_service.apply_heartbeat(s, row, hb, utcnow(), 35)
+    rt.buffer.set_online(pc_id, True)  # as the API view does after the slow path
+    assert processes() == ["c.exe"]
+    # ...so the same list as before must still be written again.
+    buffered(["a.exe", "b.exe"])
+    assert processes() == ["a.exe", "b.exe"]

@@ -28,7 +28,7 @@ class Settings:
     poll_timeout: float | None = None
     offline_after: float | None = None
     check_interval: float | None = None
-    flush_interval: float = 1.0  # heartbeats are written in batches this often
+    flush_interval: float = 0.25  # heartbeats are written in batches this often
     metrics_sample_interval: float = 60.0  # one history sample per PC at most this often
     metrics_retention_days: int = 14
     events_retention_days: int = 365

@@ -21,7 +21,7 @@ from sqlalchemy.orm import Session
 from wcms.protocol import PcState
 from wcms.server.db import table
 from wcms.server.models import MetricSample, PcInfo, PcMetrics
-from wcms.server.schemas import HeartbeatRequest
+from wcms.server.schemas import Disk, HeartbeatRequest
 from wcms.server.services import pc_service
 from wcms.server.services.pc_service import Transition
 
@@ -45,6 +45,8 @@ class HeartbeatBuffer:
         self._pending: dict[int, Pending] = {}
         self._online: set[int] = set()  # PCs this process has seen online
         self._last_sample: dict[int, dt.datetime] = {}
+        # What this process last wrote of each PC's lists: (hash of disks, hash of processes).
+        self._lists_written: dict[int, tuple[int | None, int | None]] = {}
         self.sample_interval = dt.timedelta(seconds=sample_interval)
 
     def knows_online(self, pc_id: int) -> bool:
@@ -52,6 +54,7 @@ class HeartbeatBuffer:
 
     def set_online(self, pc_id: int, online: bool) -> None:
         with self._lock:
+            self._lists_written.pop(pc_id, None)  # the slow path may have written other lists
             if online:
                 self._online.add(pc_id)
             else:
@@ -184,22 +187,29 @@ class HeartbeatBuffer:
         return self._revive(session, pending, offline_after)
 
     def _write_lists(self, session: Session, pending: dict[int, Pending]) -> None:
-        """Disks and processes are JSON lists, written only for the PCs that sent them."""
+        """Disks and processes (JSON lists): written only when they differ from what this
+        process last wrote for the PC, which for most heartbeats they do not."""
         m_t = table(PcMetrics)
-        both = []
+        disk_rows, proc_rows = [], []
         for pc_id, p in pending.items():
-            disks = None if p.hb.disks is None else [d.model_dump() for d in p.hb.disks]
-            if disks is not None and p.hb.processes is not None:
-                both.append({"b_id": pc_id, "b_disks": disks, "b_procs": p.hb.processes})
-            elif disks is not None or p.hb.processes is not None:
-                values = {"disks": disks} if disks is not None else {"processes": p.hb.processes}
-                session.execute(update(m_t).where(m_t.c.pc_id == pc_id).values(**values))
-        if both:
+            disks, procs = p.hb.disks, p.hb.processes
+            last = self._lists_written.get(pc_id, (None, None))
+            disks_key = None if disks is None else _disks_key(disks)
+            procs_key = None if procs is None else hash(tuple(procs))
+            if disks is not None and disks_key != last[0]:
+                disk_rows.append({"b_id": pc_id, "b_disks": [d.model_dump() for d in disks]})
+            if procs is not None and procs_key != last[1]:
+                proc_rows.append({"b_id": pc_id, "b_procs": procs})
+            self._lists_written[pc_id] = (
+                last[0] if disks_key is None else disks_key,
+                last[1] if procs_key is None else procs_key,
+            )
+        where = m_t.c.pc_id == bindparam("b_id")
+        if disk_rows:
+            session.execute(update(m_t).where(where).values(disks=bindparam("b_disks")), disk_rows)
+        if proc_rows:
             session.execute(
-                update(m_t)
-                .where(m_t.c.pc_id == bindparam("b_id"))
-                .values(disks=bindparam("b_disks"), processes=bindparam("b_procs")),
-                both,
+                update(m_t).where(where).values(processes=bindparam("b_procs")), proc_rows
             )
 
     def _revive(
@@ -219,8 +229,13 @@ class HeartbeatBuffer:
             if p.at <= pc.state_since:
                 self.set_online(pc.id, False)  # the heartbeat predates the shutdown: drop it
                 continue
+            self._lists_written.pop(pc.id, None)
             t = pc_service.apply_heartbeat(session, pc, p.hb, p.at, offline_after)
             if t is not None:
                 revived.append(t)
         session.commit()
         return revived
+
+
+def _disks_key(disks: list[Disk]) -> int:
+    return hash(tuple((d.mount, d.fstype, d.total, d.used) for d in disks))
