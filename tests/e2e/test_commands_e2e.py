@@ -212,10 +212,13 @@ def test_a_command_delivered_twice_runs_once(live_server: Any, tmp_path: Path) -
         batch = send(live_server, pc_id, "run", args={"command": f"echo ran >> {marker}"})
         cmd = wait_command(live_server, batch)
         assert cmd["status"] == "succeeded" and marker.read_text() == "ran\n"
-        # The ack and the result "were lost": the server delivers the command again, to a
-        # client that has restarted meanwhile (its journal is on disk).
+        # The ack and the result "were lost" (the server crashed before writing them): the
+        # restarted server delivers the command again, to a client that has restarted
+        # meanwhile (its journal is on disk).
         client.kill()
+        live_server.stop()
         _pretend_unacknowledged(live_server, cmd["id"])
+        live_server.start()
         client.start()
         client.wait_log(f"Command {cmd['id']} delivered again: already taken on, not run again")
         cmd = wait_command(live_server, batch, status="succeeded")

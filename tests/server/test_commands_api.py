@@ -258,3 +258,21 @@ def test_progress_is_published_on_the_live_bus(app: Flask, rt: Runtime) -> None:
         ("command", "running"),
         ("command", "succeeded"),
     ]
+
+
+def test_doorbell_idle_mark_is_ignored_when_a_command_raced_the_check() -> None:
+    from wcms.server.services.doorbell import Doorbell
+
+    bell = Doorbell()
+    assert not bell.is_idle(7)
+    before = bell.rings(7)
+    bell.ring([7])  # a command is queued while the poll was looking in the database
+    bell.mark_idle(7, before)
+    assert not bell.is_idle(7)  # so the next poll still looks
+    bell.mark_idle(7, bell.rings(7))
+    assert bell.is_idle(7)
+    bell.ring([7])
+    assert not bell.is_idle(7)
+    bell.mark_idle(7, bell.rings(7))
+    bell.mark_busy(7)
+    assert not bell.is_idle(7)

@@ -27,6 +27,8 @@ from wcms.server.services.ratelimit import FailureLimiter
 log = logging.getLogger(__name__)
 
 PRUNE_EVERY = 3600.0  # seconds between retention passes
+FLUSH_BATCH = 100  # buffered heartbeats that are worth a write at once
+FLUSH_MAX_WAIT = 1.0  # seconds a buffered heartbeat waits at most, when few come in
 TOKEN_CACHE_TTL = 60.0  # seconds a token lookup is trusted before the database is asked again
 
 
@@ -48,6 +50,7 @@ class Runtime:
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
     extras: dict[str, Any] = field(default_factory=dict)
+    _timings: dict[PresenceMode, PresenceTiming] = field(default_factory=dict)
 
     def forget_tokens(self, pc_id: int) -> None:
         """Drop a PC's cached tokens (it registered again); other PCs keep theirs."""
@@ -56,7 +59,10 @@ class Runtime:
 
     @property
     def timing(self) -> PresenceTiming:
-        return self.settings.timing(self.mode)
+        timing = self._timings.get(self.mode)
+        if timing is None:  # once per mode: every request asks
+            timing = self._timings[self.mode] = self.settings.timing(self.mode)
+        return timing
 
     def wire_config(self) -> dict[str, Any]:
         return {**self.timing.as_wire(), "presence_mode": str(self.mode)}
@@ -98,11 +104,18 @@ class Runtime:
     def _loop(self) -> None:
         next_check = 0.0
         next_prune = time.monotonic() + 60  # not in the busy first minute after a start
+        last_flush = 0.0
+        # Under load, batches go out every flush_interval (short waits for the requests); when
+        # only a few PCs call, they wait up to a second, so a batch is not a handful of rows.
+        max_wait = max(FLUSH_MAX_WAIT, self.settings.flush_interval)
         while not self._stop.wait(min(self.settings.flush_interval, self.timing.check_interval)):
             mono = time.monotonic()
             due = mono >= next_check
+            full = self.buffer.pending_count() >= FLUSH_BATCH or mono - last_flush >= max_wait
             try:
-                self.tick(utcnow(), check=due)
+                if due or full:
+                    last_flush = mono
+                    self.tick(utcnow(), check=due)
                 if mono >= next_prune:
                     next_prune = mono + PRUNE_EVERY
                     self.prune(utcnow())

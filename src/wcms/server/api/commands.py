@@ -84,7 +84,8 @@ def poll() -> ResponseReturnValue:
     _contact(rt, who, utcnow(), query.boot_time)
     deadline = time.monotonic() + wait
     with rt.doorbell.listen(who.pc_id) as bell:
-        found = _deliver(rt, who.pc_id, query.boot_time)
+        # Most polls find nothing: a PC known to have nothing open skips the database.
+        found = [] if rt.doorbell.is_idle(who.pc_id) else _deliver(rt, who.pc_id, query.boot_time)
         while not found:
             left = deadline - time.monotonic()
             if left <= 0 or not bell.wait(left) or rt.doorbell.closed:
@@ -110,6 +111,7 @@ def _contact(rt: Runtime, who: PcIdentity, now: dt.datetime, boot_time: float | 
 
 
 def _deliver(rt: Runtime, pc_id: int, boot_time: float | None) -> list[dict[str, Any]]:
+    rings_before = rt.doorbell.rings(pc_id)
     wire, changes = commands.deliver(
         db(),
         pc_id,
@@ -119,6 +121,10 @@ def _deliver(rt: Runtime, pc_id: int, boot_time: float | None) -> list[dict[str,
         boot_time=boot_time,
     )
     _publish(rt, changes)
+    if wire:
+        rt.doorbell.mark_busy(pc_id)
+    elif not commands.has_open(db(), pc_id):
+        rt.doorbell.mark_idle(pc_id, rings_before)
     return wire
 
 

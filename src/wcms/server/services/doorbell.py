@@ -18,6 +18,10 @@ class Doorbell:
         self._lock = threading.Lock()
         self._waiting: dict[int, set[threading.Event]] = {}
         self.closed = False  # the server is stopping: polls answer at once
+        # PCs known to have no open command, so an empty poll need not ask the database, and
+        # a counter per PC that ring() moves, so a check that raced a new command is ignored.
+        self._idle: set[int] = set()
+        self._rings: dict[int, int] = {}
 
     def close(self) -> int:
         """Wake every waiting poll and let new ones answer at once (the server is stopping)."""
@@ -47,9 +51,13 @@ class Doorbell:
                         del self._waiting[pc_id]
 
     def ring(self, pc_ids: Iterable[int]) -> int:
-        """Wake every poll waiting for one of `pc_ids`; answer how many were woken."""
+        """Wake every poll waiting for one of `pc_ids` (they have work now); answer how many."""
+        ids = list(pc_ids)
         with self._lock:
-            events = [e for pc_id in pc_ids for e in self._waiting.get(pc_id, ())]
+            for pc_id in ids:
+                self._rings[pc_id] = self._rings.get(pc_id, 0) + 1
+                self._idle.discard(pc_id)
+            events = [e for pc_id in ids for e in self._waiting.get(pc_id, ())]
         for event in events:
             event.set()
         return len(events)
@@ -58,3 +66,23 @@ class Doorbell:
     def waiting(self) -> int:
         with self._lock:
             return sum(len(events) for events in self._waiting.values())
+
+    def is_idle(self, pc_id: int) -> bool:
+        """True when the PC is known to have no queued or unacknowledged command."""
+        return pc_id in self._idle
+
+    def rings(self, pc_id: int) -> int:
+        """Read before looking in the database; hand it to mark_idle() afterwards."""
+        with self._lock:
+            return self._rings.get(pc_id, 0)
+
+    def mark_idle(self, pc_id: int, rings_before: int) -> None:
+        """The database had nothing open for the PC, unless a command came in meanwhile."""
+        with self._lock:
+            if self._rings.get(pc_id, 0) == rings_before:
+                self._idle.add(pc_id)
+
+    def mark_busy(self, pc_id: int) -> None:
+        """The PC has commands out (they may need delivering again)."""
+        with self._lock:
+            self._idle.discard(pc_id)

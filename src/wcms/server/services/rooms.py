@@ -17,8 +17,8 @@ from sqlalchemy.orm import Session
 
 from wcms.protocol import DisplayStatus, ErrorCode, display_status
 from wcms.server.errors import ApiError
-from wcms.server.models import PcInfo, PcMetrics, Room
-from wcms.server.services.views import iso, pc_summary
+from wcms.server.models import PcInfo, Room
+from wcms.server.services.views import iso, summaries
 
 
 @dataclass(frozen=True)
@@ -80,13 +80,7 @@ def list_rooms(session: Session, include_retired: bool = False) -> list[dict[str
 
 def unassigned_pcs(session: Session) -> list[dict[str, Any]]:
     """PCs in no room, in the same shape as views.list_pcs."""
-    rows = session.execute(
-        select(PcInfo, PcMetrics)
-        .outerjoin(PcMetrics, PcMetrics.pc_id == PcInfo.id)
-        .where(PcInfo.room_id.is_(None))
-        .order_by(PcInfo.hostname, PcInfo.id)
-    ).all()
-    return [pc_summary(pc, m, None) for pc, m in rows]
+    return summaries(session, PcInfo.room_id.is_(None))
 
 
 def get_room(session: Session, room_id: int) -> Room:

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any
+from typing import Any, Unpack
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session, defer
+from sqlalchemy import ColumnElement, Row, select
+from sqlalchemy.orm import Session
 
 from wcms.protocol import display_status
+from wcms.server.db import table
 from wcms.server.models import (
     MetricSample,
     PcInfo,
@@ -23,51 +24,67 @@ def iso(value: dt.datetime | None) -> str | None:
     return value.isoformat().replace("+00:00", "Z") if value else None
 
 
-def pc_summary(pc: PcInfo, metrics: PcMetrics | None, room: Room | None) -> dict[str, Any]:
-    return {
-        "id": pc.id,
-        "machine_id": pc.machine_id,
-        "hostname": pc.hostname,
-        "state": pc.state,
-        "is_online": pc.is_online,
-        "reason": pc.reason,
-        "status": display_status(pc.state, pc.reason),
-        "since": iso(pc.state_since),
-        "last_seen": iso(pc.last_seen),
-        "offline_after": iso(pc.offline_after),
-        "ip_address": pc.ip_address,
-        "current_user": pc.current_user,
-        "client_version": pc.client_version,
-        "room_id": pc.room_id,
-        "room": room.name if room else None,
-        "seat": None if pc.seat_row is None else {"row": pc.seat_row, "col": pc.seat_col},
-        "cpu_percent": metrics.cpu_percent if metrics else None,
-        "ram_percent": metrics.ram_percent if metrics else None,
-        "metrics_at": iso(metrics.at) if metrics else None,
-    }
-
-
-# The summary shows none of the JSON lists; decoding them (80 process names per PC) was a third
-# of GET /api/pcs with 2,000 PCs (bench/idle_connections.py).
-_SUMMARY_SKIPS = (
-    defer(PcInfo.disks),
-    defer(PcInfo.mac_addresses),
-    defer(PcMetrics.disks),
-    defer(PcMetrics.processes),
+# Only the columns a summary shows, read as plain rows: no ORM objects, none of the JSON lists
+# (decoding 80 process names per PC was a third of GET /api/pcs with 2,000 PCs).
+_SUMMARY = select(
+    PcInfo.id,
+    PcInfo.machine_id,
+    PcInfo.hostname,
+    PcInfo.state,
+    PcInfo.is_online,
+    PcInfo.reason,
+    PcInfo.state_since,
+    PcInfo.last_seen,
+    PcInfo.offline_after,
+    PcInfo.ip_address,
+    PcInfo.current_user,
+    PcInfo.client_version,
+    PcInfo.room_id,
+    PcInfo.seat_row,
+    PcInfo.seat_col,
+    Room.name.label("room_name"),
+    PcMetrics.cpu_percent,
+    PcMetrics.ram_percent,
+    PcMetrics.at.label("metrics_at"),
+).select_from(
+    table(PcInfo)
+    .outerjoin(table(PcMetrics), PcMetrics.pc_id == PcInfo.id)
+    .outerjoin(table(Room), Room.id == PcInfo.room_id)
 )
 
 
+def summaries(session: Session, *criteria: ColumnElement[bool]) -> list[dict[str, Any]]:
+    """PC summaries (state, reason, since, seat, user, load), by hostname, filtered."""
+    query = _SUMMARY.where(*criteria).order_by(PcInfo.hostname, PcInfo.id)
+    return [_summary(row) for row in session.execute(query)]
+
+
+def _summary(r: Row[Any, Unpack[tuple[Any, ...]]]) -> dict[str, Any]:
+    return {
+        "id": r.id,
+        "machine_id": r.machine_id,
+        "hostname": r.hostname,
+        "state": r.state,
+        "is_online": r.is_online,
+        "reason": r.reason,
+        "status": display_status(r.state, r.reason),
+        "since": iso(r.state_since),
+        "last_seen": iso(r.last_seen),
+        "offline_after": iso(r.offline_after),
+        "ip_address": r.ip_address,
+        "current_user": r.current_user,
+        "client_version": r.client_version,
+        "room_id": r.room_id,
+        "room": r.room_name,
+        "seat": None if r.seat_row is None else {"row": r.seat_row, "col": r.seat_col},
+        "cpu_percent": r.cpu_percent,
+        "ram_percent": r.ram_percent,
+        "metrics_at": iso(r.metrics_at),
+    }
+
+
 def list_pcs(session: Session, room_id: int | None = None) -> list[dict[str, Any]]:
-    query = (
-        select(PcInfo, PcMetrics, Room)
-        .outerjoin(PcMetrics, PcMetrics.pc_id == PcInfo.id)
-        .outerjoin(Room, Room.id == PcInfo.room_id)
-        .order_by(PcInfo.hostname, PcInfo.id)
-        .options(*_SUMMARY_SKIPS)
-    )
-    if room_id is not None:
-        query = query.where(PcInfo.room_id == room_id)
-    return [pc_summary(pc, m, r) for pc, m, r in session.execute(query).all()]
+    return summaries(session, *([] if room_id is None else [PcInfo.room_id == room_id]))
 
 
 def pc_detail(session: Session, pc: PcInfo, now: dt.datetime, days: int = 7) -> dict[str, Any]:
@@ -84,7 +101,7 @@ def pc_detail(session: Session, pc: PcInfo, now: dt.datetime, days: int = 7) -> 
         .order_by(MetricSample.at)
     ).scalars()
     return {
-        **pc_summary(pc, metrics, pc.room),
+        **summaries(session, PcInfo.id == pc.id)[0],
         "registered_at": iso(pc.registered_at),
         "hardware": {
             "os_name": pc.os_name,
