@@ -6,6 +6,7 @@ import hmac
 import secrets
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from flask import g, request, session
 from sqlalchemy import bindparam, select
@@ -16,7 +17,7 @@ from wcms.server.db import table, utcnow
 from wcms.server.errors import ApiError
 from wcms.server.models import Admin, PcCredential, PcInfo
 from wcms.server.runtime import TOKEN_CACHE_TTL, runtime
-from wcms.server.services import accounts
+from wcms.server.services import accounts, audit
 from wcms.server.services.pc_service import hash_token
 
 UNSAFE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
@@ -135,3 +136,8 @@ def login_session(admin: Admin) -> None:
 def client_address() -> str:
     """The caller's address; X-Forwarded-For only counts behind a configured proxy."""
     return request.remote_addr or "unknown"
+
+
+def audit_action(action: str, target: str | None = None, **details: Any) -> None:
+    """Write the calling admin's action to the audit log, in the request's transaction."""
+    audit.record(db(), current_admin().name, action, utcnow(), target, details, client_address())

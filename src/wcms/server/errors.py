@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import Any, TypeVar
 
 from flask import Flask, Response, jsonify, request
 from werkzeug.exceptions import HTTPException
@@ -25,6 +25,9 @@ _HTTP_CODES = {
 }
 
 
+T = TypeVar("T")
+
+
 class ApiError(Exception):
     """An expected failure, answered as a 4xx JSON error."""
 
@@ -42,6 +45,13 @@ class ApiError(Exception):
         self.message = message
         self.fields = fields
         self.headers = headers or {}
+
+
+def found(row: T | None, message: str) -> T:
+    """`row`, or 404 with `message` when it does not exist."""
+    if row is None:
+        raise ApiError(404, ErrorCode.NOT_FOUND, message)
+    return row
 
 
 def error_response(

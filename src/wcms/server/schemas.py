@@ -120,3 +120,17 @@ def parse(model: type[M], data: Any) -> M:
 
 def parse_body(model: type[M]) -> M:
     return parse(model, read_json_object())
+
+
+def query_int(name: str, default: int, lo: int, hi: int) -> int:
+    """A whole-number query parameter within [lo, hi], or 400 naming it."""
+    raw = request.args.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        value = lo - 1
+    if not lo <= value <= hi:
+        raise ApiError(400, ErrorCode.VALIDATION, f"{name}: a whole number from {lo} to {hi}")
+    return value

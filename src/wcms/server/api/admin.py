@@ -5,20 +5,20 @@ from __future__ import annotations
 import datetime as dt
 from typing import Annotated, Literal
 
-from flask import Blueprint, jsonify, request
+from flask import Blueprint, jsonify
 from flask.typing import ResponseReturnValue
 from pydantic import Field
 from sqlalchemy import select
 
 from wcms.protocol import ErrorCode, PresenceMode
-from wcms.server.auth import AdminIdentity, client_address, current_admin, db
+from wcms.server.auth import audit_action, current_admin, db
 from wcms.server.db import utcnow
-from wcms.server.errors import ApiError
+from wcms.server.errors import ApiError, found
 from wcms.server.models import ApiKey, AuditLog, PcInfo, RegistrationPin, Setting
 from wcms.server.openapi import documented
 from wcms.server.runtime import runtime
-from wcms.server.schemas import Strict, parse_body
-from wcms.server.services import accounts, audit, views
+from wcms.server.schemas import Strict, parse_body, query_int
+from wcms.server.services import accounts, views
 
 bp = Blueprint("admin_api", __name__, url_prefix="/api")
 
@@ -26,24 +26,6 @@ bp = Blueprint("admin_api", __name__, url_prefix="/api")
 @bp.before_request
 def _require_admin() -> None:
     current_admin()
-
-
-def _audit(action: str, target: str | None = None, **details: object) -> None:
-    who: AdminIdentity = current_admin()
-    audit.record(db(), who.name, action, utcnow(), target, dict(details), client_address())
-
-
-def _int_arg(name: str, default: int, lo: int, hi: int) -> int:
-    raw = request.args.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        value = lo - 1
-    if not lo <= value <= hi:
-        raise ApiError(400, ErrorCode.VALIDATION, f"{name}: a whole number from {lo} to {hi}")
-    return value
 
 
 @bp.get("/me")
@@ -64,16 +46,9 @@ def me() -> ResponseReturnValue:
     query={"room_id": "only this room"},
 )
 def list_pcs() -> ResponseReturnValue:
-    room_id = _int_arg("room_id", 0, 0, 2**31) or None
+    room_id = query_int("room_id", 0, 0, 2**31) or None
     pcs = views.list_pcs(db(), room_id)
     return jsonify({"pcs": pcs, "count": len(pcs)})
-
-
-def _pc(pc_id: int) -> PcInfo:
-    pc = db().get(PcInfo, pc_id)
-    if pc is None:
-        raise ApiError(404, ErrorCode.NOT_FOUND, f"no PC with id {pc_id}")
-    return pc
 
 
 @bp.get("/pcs/<int:pc_id>")
@@ -84,16 +59,20 @@ def _pc(pc_id: int) -> PcInfo:
     query={"days": "timeline length, 1-90 (default 7)"},
 )
 def get_pc(pc_id: int) -> ResponseReturnValue:
-    days = _int_arg("days", 7, 1, 90)
-    return jsonify(views.pc_detail(db(), _pc(pc_id), utcnow(), days))
+    days = query_int("days", 7, 1, 90)
+    return jsonify(
+        views.pc_detail(
+            db(), found(db().get(PcInfo, pc_id), f"no PC with id {pc_id}"), utcnow(), days
+        )
+    )
 
 
 @bp.delete("/pcs/<int:pc_id>")
 @documented("Delete a PC and its history; its token stops working", auth="admin", tag="pcs")
 def delete_pc(pc_id: int) -> ResponseReturnValue:
-    pc = _pc(pc_id)
+    pc = found(db().get(PcInfo, pc_id), f"no PC with id {pc_id}")
     s = db()
-    _audit("pc.delete", pc.hostname, pc_id=pc.id, machine_id=pc.machine_id)
+    audit_action("pc.delete", pc.hostname, pc_id=pc.id, machine_id=pc.machine_id)
     s.delete(pc)
     s.commit()
     rt = runtime()
@@ -141,7 +120,9 @@ def create_pin() -> ResponseReturnValue:
         dt.timedelta(minutes=req.expires_minutes),
         req.multi_use,
     )
-    _audit("pin.create", f"****{row.hint}", multi_use=req.multi_use, minutes=req.expires_minutes)
+    audit_action(
+        "pin.create", f"****{row.hint}", multi_use=req.multi_use, minutes=req.expires_minutes
+    )
     s.commit()
     return jsonify({**views.pin_view(row, now), "pin": pin}), 201
 
@@ -155,7 +136,7 @@ def revoke_pin(pin_id: int) -> ResponseReturnValue:
         raise ApiError(404, ErrorCode.NOT_FOUND, f"no PIN with id {pin_id}")
     if row.revoked_at is None:
         row.revoked_at = now
-        _audit("pin.revoke", f"****{row.hint}")
+        audit_action("pin.revoke", f"****{row.hint}")
     s.commit()
     return jsonify(views.pin_view(row, now))
 
@@ -196,7 +177,7 @@ def create_key() -> ResponseReturnValue:
         row, key = accounts.create_api_key(s, req.name, utcnow())
     except accounts.AccountError as exc:
         raise ApiError(400, ErrorCode.VALIDATION, str(exc)) from None
-    _audit("apikey.create", req.name)
+    audit_action("apikey.create", req.name)
     s.commit()
     return jsonify({**_key_view(row), "key": key}), 201
 
@@ -210,7 +191,7 @@ def revoke_key(key_id: int) -> ResponseReturnValue:
         raise ApiError(404, ErrorCode.NOT_FOUND, f"no API key with id {key_id}")
     if row.revoked_at is None:
         row.revoked_at = utcnow()
-        _audit("apikey.revoke", row.name)
+        audit_action("apikey.revoke", row.name)
     s.commit()
     return jsonify(_key_view(row))
 
@@ -244,7 +225,7 @@ def put_settings() -> ResponseReturnValue:
         s.add(Setting(key="presence_mode", value=req.presence_mode))
     else:
         row.value = req.presence_mode
-    _audit("settings.presence_mode", None, value=req.presence_mode)
+    audit_action("settings.presence_mode", None, value=req.presence_mode)
     s.commit()
     rt = runtime()
     rt.mode = PresenceMode(req.presence_mode)
@@ -259,7 +240,7 @@ def put_settings() -> ResponseReturnValue:
     query={"limit": "1-1000 (default 100)"},
 )
 def audit_log() -> ResponseReturnValue:
-    limit = _int_arg("limit", 100, 1, 1000)
+    limit = query_int("limit", 100, 1, 1000)
     rows = db().execute(select(AuditLog).order_by(AuditLog.id.desc()).limit(limit)).scalars()
     return jsonify(
         {

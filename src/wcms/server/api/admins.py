@@ -14,13 +14,13 @@ from pydantic import Field
 from sqlalchemy import func, select
 
 from wcms.protocol import ErrorCode
-from wcms.server.auth import client_address, current_admin, db, login_session
+from wcms.server.auth import audit_action, current_admin, db, login_session
 from wcms.server.db import utcnow
 from wcms.server.errors import ApiError
 from wcms.server.models import Admin
 from wcms.server.openapi import documented
 from wcms.server.schemas import Strict, parse_body
-from wcms.server.services import accounts, audit, views
+from wcms.server.services import accounts, views
 
 bp = Blueprint("admins_api", __name__, url_prefix="/api")
 
@@ -30,10 +30,6 @@ Password = Annotated[str, Field(min_length=accounts.MIN_PASSWORD, max_length=102
 @bp.before_request
 def _require_admin() -> None:
     current_admin()
-
-
-def _audit(action: str, target: str) -> None:
-    audit.record(db(), current_admin().name, action, utcnow(), target, {}, client_address())
 
 
 def _view(a: Admin) -> dict[str, Any]:
@@ -92,7 +88,7 @@ def create_admin() -> ResponseReturnValue:
         admin = accounts.create_admin(s, req.username, password, utcnow())
     except accounts.AccountError as exc:
         raise ApiError(400, ErrorCode.VALIDATION, str(exc)) from None
-    _audit("admin.create", admin.username)
+    audit_action("admin.create", admin.username)
     s.commit()
     body = _view(admin)
     if req.password is None:
@@ -120,7 +116,7 @@ def update_admin(admin_id: int) -> ResponseReturnValue:
             raise ApiError(409, ErrorCode.CONFLICT, "the last active admin cannot be disabled")
     if admin.is_active != req.active:
         admin.is_active = req.active
-        _audit("admin.enable" if req.active else "admin.disable", admin.username)
+        audit_action("admin.enable" if req.active else "admin.disable", admin.username)
     s.commit()
     return jsonify(_view(admin))
 
@@ -140,7 +136,7 @@ def reset_password(admin_id: int) -> ResponseReturnValue:
         accounts.set_password(admin, password)
     except accounts.AccountError as exc:
         raise ApiError(400, ErrorCode.VALIDATION, str(exc)) from None
-    _audit("admin.password", admin.username)
+    audit_action("admin.password", admin.username)
     db().commit()
     if admin.id == current_admin().admin_id:
         login_session(admin)  # keep this session; the others end

@@ -22,7 +22,7 @@ from wcms.server.errors import ApiError
 from wcms.server.models import Command, CommandBatch, PcInfo
 from wcms.server.openapi import documented
 from wcms.server.runtime import Runtime, runtime
-from wcms.server.schemas import HeartbeatRequest, MachineId, Strict, parse, parse_body
+from wcms.server.schemas import HeartbeatRequest, MachineId, Strict, parse, parse_body, query_int
 from wcms.server.services import command_args, command_views, commands, pc_service
 from wcms.server.services.commands import Change
 
@@ -210,19 +210,6 @@ class SendCommand(Strict):
     run_when_online: bool = False
 
 
-def _int_arg(name: str, default: int, lo: int, hi: int) -> int:
-    raw = request.args.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw)
-    except ValueError:
-        value = lo - 1
-    if not lo <= value <= hi:
-        raise ApiError(400, ErrorCode.VALIDATION, f"{name}: a whole number from {lo} to {hi}")
-    return value
-
-
 def _batch(batch_id: int) -> CommandBatch:
     batch = db().get(CommandBatch, batch_id)
     if batch is None:
@@ -276,7 +263,7 @@ def send() -> ResponseReturnValue:
     query={"limit": "1-500 (default 50)"},
 )
 def list_batches() -> ResponseReturnValue:
-    limit = _int_arg("limit", 50, 1, 500)
+    limit = query_int("limit", 50, 1, 500)
     return jsonify({"batches": command_views.recent_batches(db(), limit)})
 
 
@@ -328,7 +315,7 @@ def cancel_command(command_id: int) -> ResponseReturnValue:
     query={"limit": "1-500 (default 50)"},
 )
 def pc_commands(pc_id: int) -> ResponseReturnValue:
-    limit = _int_arg("limit", 50, 1, 500)
+    limit = query_int("limit", 50, 1, 500)
     pc = db().get(PcInfo, pc_id)
     if pc is None:
         raise ApiError(404, ErrorCode.NOT_FOUND, f"no PC with id {pc_id}")

@@ -10,15 +10,15 @@ from pydantic import Field
 from sqlalchemy.exc import IntegrityError
 
 from wcms.protocol import ErrorCode
-from wcms.server.auth import client_address, current_admin, db
+from wcms.server.auth import audit_action, current_admin, db
 from wcms.server.db import utcnow
-from wcms.server.errors import ApiError
+from wcms.server.errors import ApiError, found
 from wcms.server.models import PcInfo
 from wcms.server.openapi import documented
 from wcms.server.runtime import runtime
 from wcms.server.schemas import Strict, parse_body
-from wcms.server.services import audit, views
 from wcms.server.services import rooms as layout
+from wcms.server.services import views
 
 bp = Blueprint("rooms_api", __name__, url_prefix="/api")
 
@@ -30,10 +30,6 @@ SeatIndex = Annotated[int, Field(ge=1, le=50)]
 @bp.before_request
 def _require_admin() -> None:
     current_admin()
-
-
-def _audit(action: str, target: str | None, **details: Any) -> None:
-    audit.record(db(), current_admin().name, action, utcnow(), target, details, client_address())
 
 
 def _commit() -> None:
@@ -95,7 +91,7 @@ def list_rooms() -> ResponseReturnValue:
 def create_room() -> ResponseReturnValue:
     req = parse_body(RoomCreate)
     room = layout.create_room(db(), req.name, req.rows, req.cols, utcnow())
-    _audit("room.create", room.name, room_id=room.id, rows=room.rows, cols=room.cols)
+    audit_action("room.create", room.name, room_id=room.id, rows=room.rows, cols=room.cols)
     _commit()
     _announce(room_id=room.id)
     return jsonify(layout.room_view(room)), 201
@@ -127,7 +123,7 @@ def update_room(room_id: int) -> ResponseReturnValue:
     room = layout.get_room(s, room_id)
     if req.name is not None and req.name.strip() != room.name:
         old = layout.rename_room(s, room, req.name)
-        _audit("room.rename", room.name, room_id=room.id, old_name=old)
+        audit_action("room.rename", room.name, room_id=room.id, old_name=old)
     if (
         req.rows is not None
         and req.cols is not None
@@ -139,13 +135,15 @@ def update_room(room_id: int) -> ResponseReturnValue:
     ):
         before = {"rows": room.rows, "cols": room.cols}
         layout.resize_room(s, room, req.rows, req.cols)
-        _audit("room.resize", room.name, room_id=room.id, old=before, rows=req.rows, cols=req.cols)
+        audit_action(
+            "room.resize", room.name, room_id=room.id, old=before, rows=req.rows, cols=req.cols
+        )
     if req.active is False and room.active:
         unassigned = layout.retire_room(s, room)
-        _audit("room.retire", room.name, room_id=room.id, unassigned_pcs=unassigned)
+        audit_action("room.retire", room.name, room_id=room.id, unassigned_pcs=unassigned)
     elif req.active is True and not room.active:
         room.active = True
-        _audit("room.restore", room.name, room_id=room.id)
+        audit_action("room.restore", room.name, room_id=room.id)
     _commit()
     _announce(room_id=room.id)
     return jsonify(layout.room_view(room, layout.status_counts(s).get(room.id)))
@@ -156,13 +154,6 @@ def update_room(room_id: int) -> ResponseReturnValue:
 def unassigned_pcs() -> ResponseReturnValue:
     pcs = layout.unassigned_pcs(db())
     return jsonify({"pcs": pcs, "count": len(pcs)})
-
-
-def _pc(pc_id: int) -> PcInfo:
-    pc = db().get(PcInfo, pc_id)
-    if pc is None:
-        raise ApiError(404, ErrorCode.NOT_FOUND, f"no PC with id {pc_id}")
-    return pc
 
 
 @bp.put("/pcs/<int:pc_id>/seat")
@@ -177,14 +168,14 @@ def _pc(pc_id: int) -> PcInfo:
 def assign_seat(pc_id: int) -> ResponseReturnValue:
     req = parse_body(SeatAssign)
     s = db()
-    pc = _pc(pc_id)
+    pc = found(db().get(PcInfo, pc_id), f"no PC with id {pc_id}")
     room = layout.get_room(s, req.room_id)
     old, swapped = layout.place_pc(s, pc, room, req.row, req.col, req.swap)
     new = layout.Place.of(pc)
-    _audit("pc.seat", pc.hostname, pc_id=pc.id, old=old.as_dict(), new=new.as_dict())
+    audit_action("pc.seat", pc.hostname, pc_id=pc.id, old=old.as_dict(), new=new.as_dict())
     if swapped is not None:
         moved = layout.Place.of(swapped)
-        _audit(
+        audit_action(
             "pc.seat", swapped.hostname, pc_id=swapped.id, swapped_with=pc.id, new=moved.as_dict()
         )
     _commit()
@@ -195,10 +186,10 @@ def assign_seat(pc_id: int) -> ResponseReturnValue:
 @bp.delete("/pcs/<int:pc_id>/seat")
 @documented("Take a PC out of its room (unassigned)", auth="admin", tag="rooms")
 def unassign_seat(pc_id: int) -> ResponseReturnValue:
-    pc = _pc(pc_id)
+    pc = found(db().get(PcInfo, pc_id), f"no PC with id {pc_id}")
     old = layout.unassign_pc(db(), pc)
     if old.room_id is not None:
-        _audit("pc.unassign", pc.hostname, pc_id=pc.id, old=old.as_dict())
+        audit_action("pc.unassign", pc.hostname, pc_id=pc.id, old=old.as_dict())
     _commit()
     _announce(pc_id=pc.id)
     return jsonify(_placed(pc, None))

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
-from typing import Any, Unpack
+from typing import Any
 
 from sqlalchemy import ColumnElement, Row, select
 from sqlalchemy.orm import Session
@@ -59,7 +59,7 @@ def summaries(session: Session, *criteria: ColumnElement[bool]) -> list[dict[str
     return [_summary(row) for row in session.execute(query)]
 
 
-def _summary(r: Row[Any, Unpack[tuple[Any, ...]]]) -> dict[str, Any]:
+def _summary(r: Row[Any, *tuple[Any, ...]]) -> dict[str, Any]:
     return {
         "id": r.id,
         "machine_id": r.machine_id,
