@@ -226,12 +226,24 @@ def test_layout_editor_tap_to_pick_then_tap_a_seat(dash: Dashboard) -> None:
     assert server.admin("GET", f"/api/pcs/{pc['pc_id']}")["seat"] == {"row": 1, "col": 3}
 
 
+def wait_written(server: Any, pc_id: int, timeout: float = 10) -> None:
+    """Until the PC's buffered heartbeat (with its process list) is in the database."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        metrics = server.admin("GET", f"/api/pcs/{pc_id}")["metrics"]
+        if metrics and metrics["processes"]:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"PC {pc_id}: no process list written within {timeout}s")
+
+
 def test_a_hostile_hostname_and_room_name_show_as_text(dash: Dashboard) -> None:
     server = dash.server
     room = make_room(server, "<script>alert(2)</script>", 1, 2)
     pc = add_pc(server, HOSTILE)
     seat(server, pc["pc_id"], room, 1, 1)
     heartbeat(server, pc, current_user="<b>bold</b>", processes=["<svg onload=alert(3)>"])
+    wait_written(server, pc["pc_id"])  # heartbeats are written in batches
     dash.login()
     page = dash.page
     dash.open("/")
