@@ -18,7 +18,6 @@ from wcms.server.errors import ApiError
 from wcms.server.models import Admin, PcCredential, PcInfo
 from wcms.server.runtime import TOKEN_CACHE_TTL, runtime
 from wcms.server.services import accounts, audit
-from wcms.server.services.pc_service import hash_token
 
 UNSAFE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
 
@@ -51,7 +50,7 @@ def current_pc(machine_id: str) -> PcIdentity:
     if token is None:
         raise ApiError(401, ErrorCode.INVALID_TOKEN, "missing bearer token")
     rt = runtime()
-    digest = hash_token(token)
+    digest = accounts.sha256(token)
     hit = rt.tokens.get(digest)
     if hit is None or time.monotonic() - hit[2] > TOKEN_CACHE_TTL:
         s = db()

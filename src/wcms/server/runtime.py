@@ -49,7 +49,6 @@ class Runtime:
     started_at: float = field(default_factory=time.time)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
-    extras: dict[str, Any] = field(default_factory=dict)
     _timings: dict[PresenceMode, PresenceTiming] = field(default_factory=dict)
 
     def forget_tokens(self, pc_id: int) -> None:

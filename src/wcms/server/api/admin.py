@@ -76,7 +76,7 @@ def delete_pc(pc_id: int) -> ResponseReturnValue:
     s.delete(pc)
     s.commit()
     rt = runtime()
-    rt.tokens.clear()
+    rt.forget_tokens(pc_id)
     rt.buffer.set_online(pc_id, False)
     rt.bus.publish({"type": "pc_deleted", "pc_id": pc_id})
     return jsonify({"deleted": pc_id})
@@ -131,9 +131,7 @@ def create_pin() -> ResponseReturnValue:
 @documented("Revoke a PIN", auth="admin", tag="pins")
 def revoke_pin(pin_id: int) -> ResponseReturnValue:
     s, now = db(), utcnow()
-    row = s.get(RegistrationPin, pin_id)
-    if row is None:
-        raise ApiError(404, ErrorCode.NOT_FOUND, f"no PIN with id {pin_id}")
+    row = found(s.get(RegistrationPin, pin_id), f"no PIN with id {pin_id}")
     if row.revoked_at is None:
         row.revoked_at = now
         audit_action("pin.revoke", f"****{row.hint}")
@@ -186,9 +184,7 @@ def create_key() -> ResponseReturnValue:
 @documented("Revoke an API key", auth="admin", tag="admin")
 def revoke_key(key_id: int) -> ResponseReturnValue:
     s = db()
-    row = s.get(ApiKey, key_id)
-    if row is None:
-        raise ApiError(404, ErrorCode.NOT_FOUND, f"no API key with id {key_id}")
+    row = found(s.get(ApiKey, key_id), f"no API key with id {key_id}")
     if row.revoked_at is None:
         row.revoked_at = utcnow()
         audit_action("apikey.revoke", row.name)

@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 from wcms.protocol import ErrorCode
 from wcms.server.auth import audit_action, current_admin, db, login_session
 from wcms.server.db import utcnow
-from wcms.server.errors import ApiError
+from wcms.server.errors import ApiError, found
 from wcms.server.models import Admin
 from wcms.server.openapi import documented
 from wcms.server.schemas import Strict, parse_body
@@ -43,9 +43,7 @@ def _view(a: Admin) -> dict[str, Any]:
 
 
 def _admin(admin_id: int) -> Admin:
-    admin = db().get(Admin, admin_id)
-    if admin is None:
-        raise ApiError(404, ErrorCode.NOT_FOUND, f"no admin with id {admin_id}")
+    admin = found(db().get(Admin, admin_id), f"no admin with id {admin_id}")
     return admin
 
 

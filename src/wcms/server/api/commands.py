@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from wcms.protocol import CLIENT_PREFIX, CommandStatus, CommandType, ErrorCode
 from wcms.server.auth import PcIdentity, client_address, current_admin, current_pc, db
 from wcms.server.db import utcnow
-from wcms.server.errors import ApiError
+from wcms.server.errors import ApiError, found
 from wcms.server.models import Command, CommandBatch, PcInfo
 from wcms.server.openapi import documented
 from wcms.server.runtime import Runtime, runtime
@@ -211,9 +211,7 @@ class SendCommand(Strict):
 
 
 def _batch(batch_id: int) -> CommandBatch:
-    batch = db().get(CommandBatch, batch_id)
-    if batch is None:
-        raise ApiError(404, ErrorCode.NOT_FOUND, f"no batch with id {batch_id}")
+    batch = found(db().get(CommandBatch, batch_id), f"no batch with id {batch_id}")
     return batch
 
 
@@ -295,9 +293,7 @@ def cancel_batch(batch_id: int) -> ResponseReturnValue:
 )
 def cancel_command(command_id: int) -> ResponseReturnValue:
     s, rt = db(), runtime()
-    cmd = s.get(Command, command_id)
-    if cmd is None:
-        raise ApiError(404, ErrorCode.NOT_FOUND, f"no command with id {command_id}")
+    cmd = found(s.get(Command, command_id), f"no command with id {command_id}")
     changes = commands.cancel(
         s, actor=current_admin().name, now=utcnow(), command_id=command_id, ip=client_address()
     )
@@ -316,7 +312,5 @@ def cancel_command(command_id: int) -> ResponseReturnValue:
 )
 def pc_commands(pc_id: int) -> ResponseReturnValue:
     limit = query_int("limit", 50, 1, 500)
-    pc = db().get(PcInfo, pc_id)
-    if pc is None:
-        raise ApiError(404, ErrorCode.NOT_FOUND, f"no PC with id {pc_id}")
+    pc = found(db().get(PcInfo, pc_id), f"no PC with id {pc_id}")
     return jsonify({"commands": command_views.pc_history(db(), pc, limit)})

@@ -77,6 +77,7 @@ def any_admin(session: Session) -> bool:
 
 
 def sha256(text: str) -> str:
+    """PC tokens and API keys are 256-bit random strings: one SHA-256 keeps them at rest."""
     return hashlib.sha256(text.encode()).hexdigest()
 
 

@@ -8,7 +8,6 @@ Functions take the session and `now`, and own their transaction.
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import logging
 import secrets
 from dataclasses import dataclass
@@ -21,13 +20,9 @@ from wcms.protocol import TOKEN_PREFIX_PC, ClientEvent, PcState, PowerReason
 from wcms.server.db import affected, table
 from wcms.server.models import PcCredential, PcInfo, PcMetrics, PowerEvent
 from wcms.server.schemas import Hardware, HeartbeatRequest, RegisterRequest
+from wcms.server.services.accounts import sha256
 
 log = logging.getLogger(__name__)
-
-
-def hash_token(token: str) -> str:
-    """Tokens are 256-bit random strings, so one SHA-256 is enough to keep them at rest."""
-    return hashlib.sha256(token.encode()).hexdigest()
 
 
 def new_token() -> str:
@@ -261,9 +256,9 @@ def register(
         select(PcCredential).where(PcCredential.pc_id == pc.id)
     ).scalar_one_or_none()
     if cred is None:
-        session.add(PcCredential(pc_id=pc.id, token_hash=hash_token(token), created_at=now))
+        session.add(PcCredential(pc_id=pc.id, token_hash=sha256(token), created_at=now))
     else:
-        cred.token_hash = hash_token(token)
+        cred.token_hash = sha256(token)
         cred.created_at = now
     return pc, token, transition
 
