@@ -28,6 +28,7 @@ from _common import (
     Server,
     common_args,
     emit,
+    generator_gc_paused,
     get_json,
     latency_ms,
     machine,
@@ -143,9 +144,10 @@ async def main_async(args: argparse.Namespace) -> int:
         server.start_profile(args.profile)
         for r in range(args.rounds):
             cpu0 = server.cpu_seconds()
-            one = await send_round(
-                server, fleet, f"bench-{r}-{uuid.uuid4().hex[:6]}", len(creds), 30
-            )
+            with generator_gc_paused():
+                one = await send_round(
+                    server, fleet, f"bench-{r}-{uuid.uuid4().hex[:6]}", len(creds), 30
+                )
             one["server_cpu_s"] = round(server.cpu_seconds() - cpu0, 2)
             rounds.append(one)
             lat = one["latency_ms"]

@@ -27,6 +27,7 @@ from _common import (
     Server,
     common_args,
     emit,
+    generator_gc_paused,
     get_json,
     heartbeat_body,
     latency_ms,
@@ -122,7 +123,8 @@ async def main_async(args: argparse.Namespace) -> int:
         last_start = dt.datetime.now(dt.UTC)
         for stamp, rate in enumerate(rates, 1):
             last_start = dt.datetime.now(dt.UTC)
-            steps.append(await step(server, conns, creds, rate, args.step, stamp))
+            with generator_gc_paused():
+                steps.append(await step(server, conns, creds, rate, args.step, stamp))
             s = steps[-1]
             lat = s["latency_ms"]
             print(

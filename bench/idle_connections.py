@@ -34,6 +34,7 @@ from _common import (
     Server,
     common_args,
     emit,
+    generator_gc_paused,
     get_json,
     latency_ms,
     machine,
@@ -154,7 +155,8 @@ async def main_async(args: argparse.Namespace) -> int:
             hb = {"machine_id": creds[0][0]}
             _status, answer = await get_json(server.port, "/api/client/heartbeat", creds[0][1], hb)
             cycle = float(answer["config"]["poll_timeout"])
-        baseline = await probe(server, args.probe_seconds / 2, args.probe_every)
+        with generator_gc_paused():
+            baseline = await probe(server, args.probe_seconds / 2, args.probe_every)
         clients = Clients()
         t0 = time.monotonic()
         keep_alive = args.connection == "keep-alive"
@@ -178,14 +180,22 @@ async def main_async(args: argparse.Namespace) -> int:
         await asyncio.sleep(2)  # let the opening burst settle
         answered0 = clients.polls_answered
         server.start_profile(args.profile)
-        cpu0, wall0 = server.cpu_seconds(), time.monotonic()
+        (user0, sys0), wall0 = server.cpu_split(), time.monotonic()
         await asyncio.sleep(args.window)
         wall = time.monotonic() - wall0
         server.stop_profile()
-        idle_cpu = (server.cpu_seconds() - cpu0) / wall
+        user1, sys1 = server.cpu_split()
+        idle_cpu = (user1 + sys1 - user0 - sys0) / wall
         renewals = (clients.polls_answered - answered0) / wall
+        print(
+            f"  window: server CPU {idle_cpu * 100:.2f} % of one core (user "
+            f"{(user1 - user0) / wall * 100:.2f} %, system {(sys1 - sys0) / wall * 100:.2f} %), "
+            f"{renewals:.1f} renewals/s",
+            flush=True,
+        )
         held_during = established(server)
-        loaded = await probe(server, args.probe_seconds, args.probe_every)
+        with generator_gc_paused():
+            loaded = await probe(server, args.probe_seconds, args.probe_every)
         rss = server.rss_mib()
         clients.stop.set()
         await asyncio.gather(*clients.tasks, return_exceptions=True)
@@ -213,6 +223,8 @@ async def main_async(args: argparse.Namespace) -> int:
         "open_s": round(opened_s, 1),
         "window_s": args.window,
         "idle_server_cpu_percent_of_one_core": round(idle_cpu * 100, 2),
+        "idle_server_cpu_user_percent": round((user1 - user0) / wall * 100, 2),
+        "idle_server_cpu_system_percent": round((sys1 - sys0) / wall * 100, 2),
         "poll_renewals_per_s": round(renewals, 1),
         "server_rss_mib": round(rss, 1),
         "probes_without_clients": baseline,

@@ -33,6 +33,7 @@ from _common import (
     Server,
     common_args,
     emit,
+    generator_gc_paused,
     heartbeat_all,
     heartbeat_body,
     latency_ms,
@@ -151,7 +152,8 @@ async def main_async(args: argparse.Namespace) -> int:
         pcs = [Pc(server.port, i, mid, tok, keep_alive) for i, (mid, tok) in enumerate(creds)]
         server.start_profile(args.profile)
         cpu0, wall0 = server.cpu_seconds(), time.monotonic()
-        run, sent_for = await drive(pcs, args.rate, args.duration, args.warmup, cycle)
+        with generator_gc_paused():
+            run, sent_for = await drive(pcs, args.rate, args.duration, args.warmup, cycle)
         cpu = (server.cpu_seconds() - cpu0) / (time.monotonic() - wall0)
         server.stop_profile()
         tracebacks = server.errors_in_log()

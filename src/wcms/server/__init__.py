@@ -15,6 +15,7 @@ from wcms.server import migrate
 from wcms.server.config import Settings, ensure_secret_key, load_settings
 from wcms.server.db import make_engine, make_sessionmaker
 from wcms.server.errors import register_error_handlers
+from wcms.server.fastpath import AgentFastPath
 from wcms.server.runtime import Runtime
 from wcms.server.services.heartbeats import HeartbeatBuffer
 
@@ -34,11 +35,13 @@ def create_app(config: dict[str, Any] | Settings | None = None) -> Flask:
         SESSION_COOKIE_SAMESITE="Lax",
         SESSION_COOKIE_NAME="wcms_session",
         PERMANENT_SESSION_LIFETIME=dt.timedelta(hours=12),
-        JSON_SORT_KEYS=False,
     )
     app.session_interface = _CookieSessions()
+    app.json.sort_keys = False  # type: ignore[attr-defined]  # answers keep their order; cheaper
     if settings.trusted_proxies:
-        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=settings.trusted_proxies)  # type: ignore[method-assign]
+        # The one place forwarded headers are trusted (gunicorn's own trust is off: runner.py).
+        hops = settings.trusted_proxies
+        app.wsgi_app = ProxyFix(app.wsgi_app, x_for=hops, x_proto=hops)  # type: ignore[method-assign]
     engine = make_engine(settings.sqlalchemy_url)
     if not migrate.is_current(engine):
         raise RuntimeError("the database schema is not current: run `wcms db upgrade` first")
@@ -53,6 +56,8 @@ def create_app(config: dict[str, Any] | Settings | None = None) -> Flask:
     app.extensions["wcms"] = rt
     register_error_handlers(app)
     _register_blueprints(app)
+    if settings.agent_fast_path:
+        app.wsgi_app = AgentFastPath(app.wsgi_app, rt)  # type: ignore[method-assign]
 
     @app.teardown_appcontext
     def _close_session(_exc: BaseException | None) -> None:

@@ -16,7 +16,7 @@ from wcms.protocol import TOKEN_PREFIX_APIKEY, ErrorCode
 from wcms.server.db import table, utcnow
 from wcms.server.errors import ApiError
 from wcms.server.models import Admin, PcCredential, PcInfo
-from wcms.server.runtime import TOKEN_CACHE_TTL, runtime
+from wcms.server.runtime import TOKEN_CACHE_TTL, Runtime, runtime
 from wcms.server.services import accounts, audit
 
 UNSAFE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
@@ -36,26 +36,31 @@ class PcIdentity:
     machine_id: str
 
 
-def bearer() -> str | None:
-    header = request.headers.get("Authorization", "")
+def parse_bearer(header: str) -> str | None:
+    """The token of an `Authorization: Bearer <token>` header value, or None."""
     scheme, _, value = header.partition(" ")
     if scheme.lower() != "bearer" or not value.strip():
         return None
     return value.strip()
 
 
-def current_pc(machine_id: str) -> PcIdentity:
-    """The PC the bearer token belongs to; 401 without a valid token, 403 for another PC."""
-    token = bearer()
+def bearer() -> str | None:
+    return parse_bearer(request.headers.get("Authorization", ""))
+
+
+def identify_pc(rt: Runtime, token: str | None, machine_id: str) -> PcIdentity:
+    """The PC `token` belongs to; 401 without a valid token, 403 for another PC.
+
+    Works without a Flask request (the agent fast path calls it too): the cache miss reads
+    through its own short connection, so no transaction is held while a poll waits.
+    """
     if token is None:
         raise ApiError(401, ErrorCode.INVALID_TOKEN, "missing bearer token")
-    rt = runtime()
     digest = accounts.sha256(token)
     hit = rt.tokens.get(digest)
     if hit is None or time.monotonic() - hit[2] > TOKEN_CACHE_TTL:
-        s = db()
-        row = s.connection().execute(_TOKEN_LOOKUP, {"digest": digest}).first()
-        s.rollback()  # hold no transaction (and, on PostgreSQL, no connection) while polling
+        with rt.engine.connect() as conn:
+            row = conn.execute(_TOKEN_LOOKUP, {"digest": digest}).first()
         if row is None:
             rt.tokens.pop(digest, None)
             raise ApiError(401, ErrorCode.INVALID_TOKEN, "unknown or revoked token")
@@ -66,6 +71,11 @@ def current_pc(machine_id: str) -> PcIdentity:
             403, ErrorCode.MACHINE_MISMATCH, "this token belongs to another machine; register again"
         )
     return PcIdentity(hit[0], hit[1])
+
+
+def current_pc(machine_id: str) -> PcIdentity:
+    """The calling PC (see identify_pc)."""
+    return identify_pc(runtime(), bearer(), machine_id)
 
 
 def db() -> Session:

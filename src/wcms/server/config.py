@@ -35,6 +35,7 @@ class Settings:
     pin_failures_per_minute: int = 10  # wrong PINs one address may send (burst 30)
     trusted_proxies: int = 0  # how many X-Forwarded-For hops to trust (0: none)
     background: bool = True  # run the presence checker and the heartbeat writer
+    agent_fast_path: bool = True  # answer ordinary agent calls ahead of Flask (fastpath.py)
     log_level: str = "INFO"
     extra: dict[str, Any] = field(default_factory=dict)
 

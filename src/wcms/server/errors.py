@@ -54,13 +54,18 @@ def found(row: T | None, message: str) -> T:
     return row
 
 
-def error_response(
-    status: int, code: str, message: str, fields: dict[str, str] | None = None
-) -> Response:
+def error_body(code: str, message: str, fields: dict[str, str] | None = None) -> dict[str, Any]:
+    """The JSON of every error answer (Flask's handlers and the agent fast path)."""
     body: dict[str, Any] = {"code": str(code), "message": message}
     if fields:
         body["fields"] = fields
-    resp = jsonify({"error": body})
+    return {"error": body}
+
+
+def error_response(
+    status: int, code: str, message: str, fields: dict[str, str] | None = None
+) -> Response:
+    resp = jsonify(error_body(code, message, fields))
     resp.status_code = status
     return resp
 

@@ -8,9 +8,12 @@ from typing import Any
 
 import gevent
 from gunicorn.app.base import BaseApplication
-from gunicorn.workers.ggevent import GeventWorker
+from gunicorn.workers.ggevent import GeventPyWSGIWorker, PyWSGIHandler
 
 from wcms.server.config import Settings
+
+KEEPALIVE = 75  # seconds an idle connection stays open
+GC_THRESHOLDS = (10000, 10, 10)  # Python's default is (700, 10, 10)
 
 
 class _Gunicorn(BaseApplication):  # type: ignore[misc]
@@ -34,6 +37,10 @@ class _Gunicorn(BaseApplication):  # type: ignore[misc]
         # request for a few hundred milliseconds with thousands of polls open.
         gc.collect()
         gc.freeze()
+        # Thousands of waiting polls keep their objects alive for minutes, and every full
+        # collection walks all of them: with Python's default thresholds that was a third of
+        # the CPU of 5,000 idle clients (bench/idle_connections.py). Collect less often.
+        gc.set_threshold(*GC_THRESHOLDS)
         return app
 
 
@@ -42,8 +49,22 @@ def _runtime_of(worker: Any) -> Any:
     return getattr(app, "extensions", {}).get("wcms") if app is not None else None
 
 
-class Worker(GeventWorker):  # type: ignore[misc]
-    """gunicorn's gevent worker that, on SIGTERM, also ends long polls and live streams."""
+class _Handler(PyWSGIHandler):  # type: ignore[misc]
+    """gevent's HTTP/1.1 handler, plus an idle limit on every connection: a client that sends
+    nothing for KEEPALIVE seconds (between keep-alive requests, or mid-request) is closed.
+    A long poll is unaffected: while it waits, the server is writing, not reading."""
+
+    def handle(self) -> None:
+        self.socket.settimeout(KEEPALIVE)
+        super().handle()
+
+
+class Worker(GeventPyWSGIWorker):  # type: ignore[misc]
+    """gunicorn's gevent worker with gevent's own HTTP handler (pywsgi), which costs about a
+    tenth less CPU per request than gunicorn's parser in this worker (docs/PERFORMANCE.md),
+    and which, on SIGTERM, also ends long polls and live streams."""
+
+    wsgi_handler = _Handler
 
     def handle_exit(self, sig: int, frame: Any) -> None:
         super().handle_exit(sig, frame)
@@ -66,7 +87,7 @@ def serve(settings: Settings, access_log: bool = False) -> None:
         "worker_connections": 20000,
         "timeout": 60,
         "graceful_timeout": 10,
-        "keepalive": 75,
+        "keepalive": KEEPALIVE,
         "backlog": 4096,
         "accesslog": "-" if access_log else None,
         "errorlog": "-",
@@ -75,5 +96,10 @@ def serve(settings: Settings, access_log: bool = False) -> None:
         "proc_name": "wcms-server",
         # No shared ~/.gunicorn control socket: several servers must run side by side.
         "control_socket_disable": True,
+        # Forwarded headers are trusted only through WCMS_TRUSTED_PROXIES (the app's ProxyFix),
+        # so gunicorn trusts no peer for any, and need not check every peer's address.
+        "forwarded_allow_ips": "*",
+        "secure_scheme_headers": {},
+        "forwarder_headers": "",
     }
     _Gunicorn(settings, options).run()

@@ -21,6 +21,7 @@ from wcms.server.services import commands, pc_service, retention
 from wcms.server.services.doorbell import Doorbell
 from wcms.server.services.heartbeats import HeartbeatBuffer
 from wcms.server.services.live import Bus
+from wcms.server.services.outbox import Outbox
 from wcms.server.services.pc_service import Transition
 from wcms.server.services.ratelimit import FailureLimiter
 
@@ -29,7 +30,9 @@ log = logging.getLogger(__name__)
 PRUNE_EVERY = 3600.0  # seconds between retention passes
 FLUSH_BATCH = 100  # buffered heartbeats that are worth a write at once
 FLUSH_MAX_WAIT = 1.0  # seconds a buffered heartbeat waits at most, when few come in
-TOKEN_CACHE_TTL = 60.0  # seconds a token lookup is trusted before the database is asked again
+# A token this server revokes (re-registration, deletion) leaves the cache at once; the TTL only
+# bounds how long a change made to the database from outside goes unnoticed.
+TOKEN_CACHE_TTL = 600.0  # seconds a token lookup is trusted before the database is asked again
 
 
 @dataclass
@@ -41,6 +44,7 @@ class Runtime:
     buffer: HeartbeatBuffer
     bus: Bus = field(default_factory=Bus)
     doorbell: Doorbell = field(default_factory=Doorbell)  # wakes command long polls per PC
+    outbox: Outbox = field(default_factory=Outbox)  # fresh commands for woken polls
     pin_limiter: FailureLimiter = field(default_factory=lambda: FailureLimiter(10, 30))
     login_limiter: FailureLimiter = field(default_factory=lambda: FailureLimiter(5, 10))
     mode: PresenceMode = PresenceMode.STANDARD
@@ -110,7 +114,11 @@ class Runtime:
         while not self._stop.wait(min(self.settings.flush_interval, self.timing.check_interval)):
             mono = time.monotonic()
             due = mono >= next_check
-            full = self.buffer.pending_count() >= FLUSH_BATCH or mono - last_flush >= max_wait
+            full = (
+                self.buffer.pending_count() >= FLUSH_BATCH
+                or self.outbox.has_marks()
+                or mono - last_flush >= max_wait
+            )
             try:
                 if due or full:
                     last_flush = mono
@@ -134,14 +142,17 @@ class Runtime:
         return counts
 
     def tick(self, now: dt.datetime, check: bool = True) -> list[Transition]:
-        """Flush buffered heartbeats, then (if `check`) mark overdue PCs lost."""
+        """Write delivery marks and buffered heartbeats, then (if `check`) mark overdue PCs
+        lost and expire overdue commands."""
         timing = self.timing
         with self.sessions() as s:
+            self.outbox.flush(s)
             changed = self.buffer.flush(s, timing.offline_after)
             if check:
                 changed += pc_service.mark_overdue_lost(s, now, timing.check_interval)
         self.publish(changed)
         if check:
+            self.outbox.prune()
             self.expire_commands(now)
         return changed
 

@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import datetime as dt
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Annotated, Any, Literal
 
 from flask import Blueprint, jsonify, request
 from flask.typing import ResponseReturnValue
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+from sqlalchemy.orm import Session
 
 from wcms.protocol import CLIENT_PREFIX, CommandStatus, CommandType, ErrorCode
 from wcms.server.auth import PcIdentity, client_address, current_admin, current_pc, db
@@ -23,7 +24,7 @@ from wcms.server.models import Command, CommandBatch, PcInfo
 from wcms.server.openapi import documented
 from wcms.server.runtime import Runtime, runtime
 from wcms.server.schemas import HeartbeatRequest, MachineId, Strict, parse, parse_body, query_int
-from wcms.server.services import command_args, command_views, commands, pc_service
+from wcms.server.services import command_args, command_views, commands, outbox, pc_service
 from wcms.server.services.commands import Change
 
 client_bp = Blueprint("client_commands", __name__, url_prefix=CLIENT_PREFIX)
@@ -78,24 +79,39 @@ def _answer(body: dict[str, Any], status: int = 200) -> ResponseReturnValue:
 def poll() -> ResponseReturnValue:
     query = parse(PollQuery, request.args.to_dict())
     who = current_pc(query.machine_id)
-    rt = runtime()
+    return _answer({"commands": wait_for_commands(runtime(), db, who, query)})
+
+
+def wait_for_commands(
+    rt: Runtime, db: Callable[[], Session], who: PcIdentity, query: PollQuery
+) -> list[dict[str, Any]]:
+    """The long poll itself (the Flask view and the agent fast path both run it).
+
+    `db` opens the caller's session on first use: most polls never need one.
+    """
     limit = rt.timing.poll_timeout
     wait = limit if query.timeout is None else min(query.timeout, limit)
-    _contact(rt, who, utcnow(), query.boot_time)
+    _contact(rt, db, who, utcnow(), query.boot_time)
     deadline = time.monotonic() + wait
     with rt.doorbell.listen(who.pc_id) as bell:
         # Most polls find nothing: a PC known to have nothing open skips the database.
-        found = [] if rt.doorbell.is_idle(who.pc_id) else _deliver(rt, who.pc_id, query.boot_time)
+        found = [] if rt.doorbell.is_idle(who.pc_id) else _deliver(rt, db, who.pc_id, query)
         while not found:
             left = deadline - time.monotonic()
             if left <= 0 or not bell.wait(left) or rt.doorbell.closed:
                 break
             bell.clear()
-            found = _deliver(rt, who.pc_id, query.boot_time)
-    return _answer({"commands": found})
+            found = _deliver(rt, db, who.pc_id, query)
+    return found
 
 
-def _contact(rt: Runtime, who: PcIdentity, now: dt.datetime, boot_time: float | None) -> None:
+def _contact(
+    rt: Runtime,
+    db: Callable[[], Session],
+    who: PcIdentity,
+    now: dt.datetime,
+    boot_time: float | None,
+) -> None:
     """A poll is contact, exactly like a heartbeat without a report (and it revives a PC)."""
     if rt.buffer.knows_online(who.pc_id):
         rt.buffer.touch(who.pc_id, who.machine_id, now)
@@ -110,20 +126,31 @@ def _contact(rt: Runtime, who: PcIdentity, now: dt.datetime, boot_time: float | 
     rt.publish(transition)
 
 
-def _deliver(rt: Runtime, pc_id: int, boot_time: float | None) -> list[dict[str, Any]]:
+def _deliver(
+    rt: Runtime, db: Callable[[], Session], pc_id: int, query: PollQuery
+) -> list[dict[str, Any]]:
+    now = utcnow()
+    staged, handed, left = rt.outbox.take(pc_id, now, query.boot_time)
+    _publish(rt, handed)
+    if staged and not left:  # a bulk command's fast way: no database read (services/outbox.py)
+        rt.doorbell.mark_busy(pc_id)
+        return staged
     rings_before = rt.doorbell.rings(pc_id)
+    s = db()
+    rt.outbox.flush(s)  # marks first, so nothing staged is handed over twice
     wire, changes = commands.deliver(
-        db(),
+        s,
         pc_id,
-        utcnow(),
+        now,
         server_secret=rt.secret_key,
         ack_timeout=float(rt.settings.extra.get("command_ack_timeout", commands.ACK_TIMEOUT)),
-        boot_time=boot_time,
+        boot_time=query.boot_time,
     )
     _publish(rt, changes)
+    wire = staged + wire
     if wire:
         rt.doorbell.mark_busy(pc_id)
-    elif not commands.has_open(db(), pc_id):
+    elif not commands.has_open(s, pc_id):
         rt.doorbell.mark_idle(pc_id, rings_before)
     return wire
 
@@ -246,6 +273,9 @@ def send() -> ResponseReturnValue:
         run_when_online=req.run_when_online,
         ip=client_address(),
     )
+    waiting = rt.doorbell.listening(pc_ids)
+    if waiting:  # their polls are woken now: hand them the command from memory
+        rt.outbox.stage(outbox.load(s, batch.id, waiting, rt.secret_key))
     rt.doorbell.ring(pc_ids)
     rt.bus.publish(
         {"type": "batch", "batch_id": batch.id, "command": batch.type, "total": len(pc_ids)}
@@ -280,6 +310,7 @@ def get_batch(batch_id: int) -> ResponseReturnValue:
 def cancel_batch(batch_id: int) -> ResponseReturnValue:
     batch = _batch(batch_id)
     s, rt = db(), runtime()
+    rt.outbox.discard(batch_id=batch.id)  # first: nothing staged goes out after the cancel
     changes = commands.cancel(
         s, actor=current_admin().name, now=utcnow(), batch_id=batch.id, ip=client_address()
     )
@@ -294,6 +325,7 @@ def cancel_batch(batch_id: int) -> ResponseReturnValue:
 def cancel_command(command_id: int) -> ResponseReturnValue:
     s, rt = db(), runtime()
     cmd = found(s.get(Command, command_id), f"no command with id {command_id}")
+    rt.outbox.discard(command_ids={command_id})
     changes = commands.cancel(
         s, actor=current_admin().name, now=utcnow(), command_id=command_id, ip=client_address()
     )

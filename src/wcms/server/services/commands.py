@@ -16,7 +16,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from sqlalchemy import and_, insert, or_, select, update
 from sqlalchemy.orm import Session
@@ -223,12 +223,12 @@ def deliver(
         .order_by(Command.id)
         .limit(DELIVERY_BATCH)
     ).scalars()
-    wire: list[dict[str, Any]] = []
+    handed: list[dict[str, Any]] = []
     changes: list[Change] = []
     for cmd in list(rows):
-        refusal = _refusal(cmd, now, boot_time)
-        if refusal is not None:
-            status, error = refusal
+        refused = refusal(cmd, now, boot_time)
+        if refused is not None:
+            status, error = refused
             changes += _finish_open(session, cmd, status, now, error)
             continue
         try:
@@ -237,7 +237,7 @@ def deliver(
             changes += _finish_open(session, cmd, CommandStatus.FAILED, now, str(exc))
             continue
         attempt = cmd.attempts + 1
-        wire_form = _wire(cmd, secret, now, attempt)
+        wire = wire_form(cmd, secret, now, attempt)
         moved = session.execute(
             update(Command)
             .where(
@@ -248,14 +248,33 @@ def deliver(
             .values(status=CommandStatus.DELIVERED, delivered_at=now, attempts=attempt)
         )
         if affected(moved) == 1:
-            wire.append(wire_form)
+            handed.append(wire)
             changes.append(Change(cmd.id, cmd.batch_id, pc_id, CommandStatus.DELIVERED, now))
     session.commit()
-    return wire, changes
+    return handed, changes
 
 
-def _refusal(
-    cmd: Command, now: dt.datetime, boot_time: float | None
+class Deliverable(Protocol):
+    """What delivery reads of a command (a Command row, or one staged in the outbox)."""
+
+    @property
+    def id(self) -> int: ...
+    @property
+    def type(self) -> str: ...
+    @property
+    def args(self) -> dict[str, Any]: ...
+    @property
+    def queued_at(self) -> dt.datetime: ...
+    @property
+    def expires_at(self) -> dt.datetime: ...
+    @property
+    def run_when_online(self) -> bool: ...
+    @property
+    def attempts(self) -> int: ...
+
+
+def refusal(
+    cmd: Deliverable, now: dt.datetime, boot_time: float | None
 ) -> tuple[CommandStatus, str] | None:
     """Why `cmd` must not be delivered now, as (final status, error), or None."""
     if cmd.expires_at <= now:
@@ -268,7 +287,10 @@ def _refusal(
     return None
 
 
-def _wire(cmd: Command, secret: dict[str, Any], now: dt.datetime, attempt: int) -> dict[str, Any]:
+def wire_form(
+    cmd: Deliverable, secret: dict[str, Any], now: dt.datetime, attempt: int
+) -> dict[str, Any]:
+    """A command as the client receives it."""
     return {
         "id": cmd.id,
         "type": cmd.type,

@@ -62,6 +62,11 @@ class Doorbell:
             event.set()
         return len(events)
 
+    def listening(self, pc_ids: Iterable[int]) -> set[int]:
+        """Which of `pc_ids` have a poll waiting now."""
+        with self._lock:
+            return {pc_id for pc_id in pc_ids if pc_id in self._waiting}
+
     @property
     def waiting(self) -> int:
         with self._lock:

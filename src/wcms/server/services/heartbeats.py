@@ -15,11 +15,23 @@ import threading
 import time
 from dataclasses import dataclass
 
-from sqlalchemy import bindparam, func, insert, select, update
+from sqlalchemy import (
+    BigInteger,
+    Boolean,
+    Connection,
+    Float,
+    String,
+    bindparam,
+    case,
+    func,
+    insert,
+    select,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from wcms.protocol import PcState
-from wcms.server.db import table
+from wcms.server.db import BatchStatement, table
 from wcms.server.models import MetricSample, PcInfo, PcMetrics
 from wcms.server.schemas import Disk, HeartbeatRequest
 from wcms.server.services import pc_service
@@ -31,6 +43,57 @@ log = logging.getLogger(__name__)
 # every pending PC would hold all requests up for its full length; between chunks the worker
 # serves them (bench/heartbeats.py: p99 at 2,000 heartbeats/s).
 FLUSH_CHUNK = 200
+
+
+# The batch writes, each one statement run with the driver's executemany (db.BatchStatement).
+_PC, _M = table(PcInfo), table(PcMetrics)
+_WRITE_SEEN = BatchStatement(
+    update(_PC)
+    .where(_PC.c.id == bindparam("b_id"), _PC.c.state == PcState.ONLINE)
+    .values(
+        last_seen=bindparam("b_seen", type_=_PC.c.last_seen.type),
+        offline_after=bindparam("b_deadline", type_=_PC.c.offline_after.type),
+        ip_address=func.coalesce(bindparam("b_ip", type_=String), _PC.c.ip_address),
+        hostname=func.coalesce(bindparam("b_host", type_=String), _PC.c.hostname),
+        boot_time=func.coalesce(bindparam("b_boot", type_=Float), _PC.c.boot_time),
+        client_version=func.coalesce(bindparam("b_ver", type_=String), _PC.c.client_version),
+        # A heartbeat without the field keeps the user; with it (even null) it sets it.
+        current_user=case(
+            (bindparam("b_keep_user", type_=Boolean), _PC.c.current_user),
+            else_=bindparam("b_user", type_=String),
+        ),
+    )
+)
+_WRITE_METRICS = BatchStatement(
+    update(_M)
+    .where(_M.c.pc_id == bindparam("b_id"))
+    .values(
+        at=bindparam("b_at", type_=_M.c.at.type),
+        cpu_percent=func.coalesce(bindparam("b_cpu", type_=Float), _M.c.cpu_percent),
+        ram_used=func.coalesce(bindparam("b_ram_used", type_=BigInteger), _M.c.ram_used),
+        ram_percent=func.coalesce(bindparam("b_ram_pct", type_=Float), _M.c.ram_percent),
+        uptime=func.coalesce(bindparam("b_uptime", type_=Float), _M.c.uptime),
+    )
+)
+_WRITE_DISKS = BatchStatement(
+    update(_M)
+    .where(_M.c.pc_id == bindparam("b_id"))
+    .values(disks=bindparam("b_disks", type_=_M.c.disks.type))
+)
+_WRITE_PROCESSES = BatchStatement(
+    update(_M)
+    .where(_M.c.pc_id == bindparam("b_id"))
+    .values(processes=bindparam("b_procs", type_=_M.c.processes.type))
+)
+_S = table(MetricSample)
+_WRITE_SAMPLE = BatchStatement(
+    insert(_S).values(
+        pc_id=bindparam("b_id", type_=_S.c.pc_id.type),
+        at=bindparam("b_at", type_=_S.c.at.type),
+        cpu_percent=bindparam("b_cpu", type_=_S.c.cpu_percent.type),
+        ram_percent=bindparam("b_ram", type_=_S.c.ram_percent.type),
+    )
+)
 
 
 @dataclass
@@ -102,8 +165,6 @@ class HeartbeatBuffer:
     def _write(
         self, session: Session, pending: dict[int, Pending], offline_after: float
     ) -> list[Transition]:
-        pc_t = table(PcInfo)
-        m_t = table(PcMetrics)
         grace = dt.timedelta(seconds=offline_after)
         pc_rows = []
         metric_rows = []
@@ -118,7 +179,7 @@ class HeartbeatBuffer:
                     "b_ip": hb.ip_address,
                     "b_host": hb.hostname,
                     "b_user": hb.current_user,
-                    "b_user_set": "current_user" in hb.model_fields_set,
+                    "b_keep_user": "current_user" not in hb.model_fields_set,
                     "b_boot": hb.boot_time,
                     "b_ver": hb.client_version,
                 }
@@ -139,57 +200,19 @@ class HeartbeatBuffer:
             if hb.cpu_percent is not None and (last is None or p.at - last >= self.sample_interval):
                 self._last_sample[pc_id] = p.at
                 samples.append(
-                    {
-                        "pc_id": pc_id,
-                        "at": p.at,
-                        "cpu_percent": hb.cpu_percent,
-                        "ram_percent": hb.ram_percent,
-                    }
+                    {"b_id": pc_id, "b_at": p.at, "b_cpu": hb.cpu_percent, "b_ram": hb.ram_percent}
                 )
-        session.execute(
-            update(pc_t)
-            .where(pc_t.c.id == bindparam("b_id"), pc_t.c.state == PcState.ONLINE)
-            .values(
-                last_seen=bindparam("b_seen"),
-                offline_after=bindparam("b_deadline"),
-                ip_address=func.coalesce(bindparam("b_ip"), pc_t.c.ip_address),
-                hostname=func.coalesce(bindparam("b_host"), pc_t.c.hostname),
-                boot_time=func.coalesce(bindparam("b_boot"), pc_t.c.boot_time),
-                client_version=func.coalesce(bindparam("b_ver"), pc_t.c.client_version),
-            ),
-            pc_rows,
-        )
-        user_rows = [r for r in pc_rows if r["b_user_set"]]
-        if user_rows:
-            session.execute(
-                update(pc_t)
-                .where(pc_t.c.id == bindparam("b_id"))
-                .values(current_user=bindparam("b_user")),
-                [{"b_id": r["b_id"], "b_user": r["b_user"]} for r in user_rows],
-            )
-        if metric_rows:
-            session.execute(
-                update(m_t)
-                .where(m_t.c.pc_id == bindparam("b_id"))
-                .values(
-                    at=bindparam("b_at"),
-                    cpu_percent=func.coalesce(bindparam("b_cpu"), m_t.c.cpu_percent),
-                    ram_used=func.coalesce(bindparam("b_ram_used"), m_t.c.ram_used),
-                    ram_percent=func.coalesce(bindparam("b_ram_pct"), m_t.c.ram_percent),
-                    uptime=func.coalesce(bindparam("b_uptime"), m_t.c.uptime),
-                ),
-                metric_rows,
-            )
-        self._write_lists(session, pending)
-        if samples:
-            session.execute(insert(table(MetricSample)), samples)
+        conn = session.connection()
+        _WRITE_SEEN.execute(conn, pc_rows)
+        _WRITE_METRICS.execute(conn, metric_rows)
+        self._write_lists(conn, pending)
+        _WRITE_SAMPLE.execute(conn, samples)
         session.commit()
         return self._revive(session, pending, offline_after)
 
-    def _write_lists(self, session: Session, pending: dict[int, Pending]) -> None:
+    def _write_lists(self, conn: Connection, pending: dict[int, Pending]) -> None:
         """Disks and processes (JSON lists): written only when they differ from what this
         process last wrote for the PC, which for most heartbeats they do not."""
-        m_t = table(PcMetrics)
         disk_rows, proc_rows = [], []
         for pc_id, p in pending.items():
             disks, procs = p.hb.disks, p.hb.processes
@@ -204,13 +227,8 @@ class HeartbeatBuffer:
                 last[0] if disks_key is None else disks_key,
                 last[1] if procs_key is None else procs_key,
             )
-        where = m_t.c.pc_id == bindparam("b_id")
-        if disk_rows:
-            session.execute(update(m_t).where(where).values(disks=bindparam("b_disks")), disk_rows)
-        if proc_rows:
-            session.execute(
-                update(m_t).where(where).values(processes=bindparam("b_procs")), proc_rows
-            )
+        _WRITE_DISKS.execute(conn, disk_rows)
+        _WRITE_PROCESSES.execute(conn, proc_rows)
 
     def _revive(
         self, session: Session, pending: dict[int, Pending], offline_after: float

@@ -1,0 +1,176 @@
+"""The agent fast path: the calls every PC makes all day, answered without Flask.
+
+Heartbeats, shutdown signals and command polls are nearly all of the server's traffic, and on
+one core Flask's request machinery (routing, request and response objects, contexts, hooks)
+cost more than the work itself. This WSGI middleware sits in front of the Flask app and answers
+the ordinary case of those three calls directly, with the same validation (the pydantic
+models in schemas.py), the same authentication (auth.identify_pc), the same services and the
+same answers and error shape. Anything out of the ordinary goes to Flask untouched (the body
+put back), so there is still one implementation of every edge case:
+
+- any other method or path, a body that is not `application/json` with a Content-Length within
+  the limit, a body that is not a JSON object;
+- a heartbeat that changes state (an event, the boot hardware, a PC not known to be online).
+
+Validation and authentication failures are answered here, as the same ApiError Flask would
+render. Tests run every agent call through this path (the real server), and the edge cases
+through Flask; `WCMS_AGENT_FAST_PATH=0` turns it off.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from collections.abc import Callable, Iterable
+from http import HTTPStatus
+from typing import TYPE_CHECKING, Any
+from urllib.parse import parse_qsl
+
+from sqlalchemy.orm import Session
+
+from wcms.protocol import CLIENT_PREFIX, MAX_BODY_BYTES, ErrorCode, PcState
+from wcms.server.auth import identify_pc, parse_bearer
+from wcms.server.db import utcnow
+from wcms.server.errors import ApiError, error_body
+from wcms.server.runtime import Runtime
+from wcms.server.schemas import HeartbeatRequest, ShutdownRequest, parse
+from wcms.server.services import pc_service
+
+if TYPE_CHECKING:
+    from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
+
+log = logging.getLogger(__name__)
+
+# What Flask's after_request hook adds to every answer (wcms.server.create_app).
+_HEADERS = [
+    ("Content-Type", "application/json"),
+    ("X-Content-Type-Options", "nosniff"),
+    ("Referrer-Policy", "same-origin"),
+    ("X-Frame-Options", "DENY"),
+]
+
+
+def _status_line(code: int) -> str:
+    return f"{code} {HTTPStatus(code).phrase.upper()}"
+
+
+_STATUS = {code: _status_line(code) for code in (200, 400, 401, 403, 500)}
+
+Answer = tuple[int, dict[str, Any], dict[str, str]]
+
+
+class _ToFlask(Exception):
+    """This request is not the ordinary case: hand it to Flask."""
+
+
+class _LazySession:
+    """A session opened on first use (most fast-path calls need none), closed at the end."""
+
+    def __init__(self, rt: Runtime) -> None:
+        self._rt = rt
+        self._session: Session | None = None
+
+    def __call__(self) -> Session:
+        if self._session is None:
+            self._session = self._rt.sessions()
+        return self._session
+
+    def close(self) -> None:
+        if self._session is not None:
+            self._session.close()
+
+
+class AgentFastPath:
+    def __init__(self, app: WSGIApplication, rt: Runtime) -> None:
+        from wcms.server.api import commands  # the poll lives beside its Flask view
+
+        self.app = app
+        self.rt = rt
+        self._poll_query = commands.PollQuery
+        self._wait_for_commands = commands.wait_for_commands
+        self._routes: dict[tuple[str, str], Callable[[WSGIEnvironment, _LazySession], Answer]] = {
+            ("POST", CLIENT_PREFIX + "/heartbeat"): self._heartbeat,
+            ("POST", CLIENT_PREFIX + "/shutdown"): self._shutdown,
+            ("GET", CLIENT_PREFIX + "/commands"): self._poll,
+        }
+
+    def __call__(self, environ: WSGIEnvironment, start_response: StartResponse) -> Iterable[bytes]:
+        route = self._routes.get((environ.get("REQUEST_METHOD", ""), environ.get("PATH_INFO", "")))
+        if route is None:
+            return self.app(environ, start_response)
+        db = _LazySession(self.rt)
+        try:
+            status, body, extra = route(environ, db)
+        except _ToFlask:
+            return self.app(environ, start_response)
+        except ApiError as err:
+            status, body, extra = _error(err)
+        except Exception:  # the same last resort as Flask's handler in errors.py
+            log.exception("unhandled error on agent call %s", environ["PATH_INFO"])
+            status, body, extra = 500, error_body(ErrorCode.INTERNAL, "internal server error"), {}
+        finally:
+            db.close()
+        data = json.dumps(body, separators=(",", ":")).encode()
+        headers = [*_HEADERS, ("Content-Length", str(len(data))), *extra.items()]
+        start_response(_STATUS.get(status) or _status_line(status), headers)
+        return [data]
+
+    # ------------------------------------------------------------------------ the three calls
+
+    def _heartbeat(self, environ: WSGIEnvironment, db: _LazySession) -> Answer:
+        hb = parse(HeartbeatRequest, _json_object(environ))
+        who = identify_pc(self.rt, _token(environ), hb.machine_id)
+        if (
+            hb.event is not None
+            or hb.hardware is not None
+            or not self.rt.buffer.knows_online(who.pc_id)
+        ):
+            raise _ToFlask  # a state change: the slow path in api/client.py
+        self.rt.buffer.add(who.pc_id, hb, utcnow())
+        return self._answer({"state": PcState.ONLINE})
+
+    def _shutdown(self, environ: WSGIEnvironment, db: _LazySession) -> Answer:
+        req = parse(ShutdownRequest, _json_object(environ))
+        who = identify_pc(self.rt, _token(environ), req.machine_id)
+        rt = self.rt
+        rt.buffer.set_online(who.pc_id, False)  # a buffered heartbeat must not revive it
+        transition = pc_service.set_offline_immediately(db(), who.machine_id, req.reason, utcnow())
+        rt.publish(transition)
+        return self._answer({"state": PcState.OFFLINE, "reason": req.reason})
+
+    def _poll(self, environ: WSGIEnvironment, db: _LazySession) -> Answer:
+        args: dict[str, str] = {}
+        for key, value in parse_qsl(environ.get("QUERY_STRING", ""), keep_blank_values=True):
+            args.setdefault(key, value)  # the first of repeated keys, as Flask's to_dict()
+        query = parse(self._poll_query, args)
+        who = identify_pc(self.rt, _token(environ), query.machine_id)
+        return self._answer({"commands": self._wait_for_commands(self.rt, db, who, query)})
+
+    def _answer(self, body: dict[str, Any]) -> Answer:
+        return 200, {**body, "config": self.rt.wire_config()}, {}
+
+
+def _token(environ: WSGIEnvironment) -> str | None:
+    return parse_bearer(environ.get("HTTP_AUTHORIZATION", ""))
+
+
+def _json_object(environ: WSGIEnvironment) -> dict[str, Any]:
+    """The body as a JSON object, or _ToFlask (which explains what is wrong with it)."""
+    mimetype = environ.get("CONTENT_TYPE", "").partition(";")[0].strip().lower()
+    length = environ.get("CONTENT_LENGTH", "")
+    if mimetype != "application/json" or not length.isdigit() or int(length) > MAX_BODY_BYTES:
+        raise _ToFlask
+    raw = environ["wsgi.input"].read(int(length))
+    environ["wsgi.input"] = io.BytesIO(raw)  # Flask can still read it
+    try:
+        data = json.loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        raise _ToFlask from None
+    if not isinstance(data, dict):
+        raise _ToFlask
+    return data
+
+
+def _error(err: ApiError) -> Answer:
+    return err.status, error_body(err.code, err.message, err.fields), err.headers
