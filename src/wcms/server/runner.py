@@ -60,9 +60,9 @@ class _Handler(PyWSGIHandler):  # type: ignore[misc]
 
 
 class Worker(GeventPyWSGIWorker):  # type: ignore[misc]
-    """gunicorn's gevent worker with gevent's own HTTP handler (pywsgi), which costs about a
-    tenth less CPU per request than gunicorn's parser in this worker (docs/PERFORMANCE.md),
-    and which, on SIGTERM, also ends long polls and live streams."""
+    """gunicorn's gevent worker with gevent's own HTTP handler (pywsgi): at 2,000 heartbeats/s
+    it took 5 % less CPU than gunicorn's parser and cut p99 from over 125 ms to 53 ms
+    (docs/PERFORMANCE.md). On SIGTERM it also ends long polls and live streams."""
 
     wsgi_handler = _Handler
 
