@@ -31,11 +31,9 @@ from sqlalchemy.orm import Session
 
 from wcms.protocol import CLIENT_PREFIX, MAX_BODY_BYTES, ErrorCode, PcState
 from wcms.server.auth import identify_pc, parse_bearer
-from wcms.server.db import utcnow
 from wcms.server.errors import ApiError, error_body
 from wcms.server.runtime import Runtime
 from wcms.server.schemas import HeartbeatRequest, ShutdownRequest, parse
-from wcms.server.services import pc_service
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -83,10 +81,13 @@ class _LazySession:
 
 class AgentFastPath:
     def __init__(self, app: WSGIApplication, rt: Runtime) -> None:
-        from wcms.server.api import commands  # the poll lives beside its Flask view
+        # Each call's own steps live beside its Flask view, shared with it.
+        from wcms.server.api import client, commands
 
         self.app = app
         self.rt = rt
+        self._buffered = client.buffered
+        self._going_down = client.going_down
         self._poll_query = commands.PollQuery
         self._wait_for_commands = commands.wait_for_commands
         self._routes: dict[tuple[str, str], Callable[[WSGIEnvironment, _LazySession], Answer]] = {
@@ -121,23 +122,14 @@ class AgentFastPath:
     def _heartbeat(self, environ: WSGIEnvironment, db: _LazySession) -> Answer:
         hb = parse(HeartbeatRequest, _json_object(environ))
         who = identify_pc(self.rt, _token(environ), hb.machine_id)
-        if (
-            hb.event is not None
-            or hb.hardware is not None
-            or not self.rt.buffer.knows_online(who.pc_id)
-        ):
+        if not self._buffered(self.rt, who, hb):
             raise _ToFlask  # a state change: the slow path in api/client.py
-        self.rt.buffer.add(who.pc_id, hb, utcnow())
         return self._answer({"state": PcState.ONLINE})
 
     def _shutdown(self, environ: WSGIEnvironment, db: _LazySession) -> Answer:
         req = parse(ShutdownRequest, _json_object(environ))
         who = identify_pc(self.rt, _token(environ), req.machine_id)
-        rt = self.rt
-        rt.buffer.set_online(who.pc_id, False)  # a buffered heartbeat must not revive it
-        transition = pc_service.set_offline_immediately(db(), who.machine_id, req.reason, utcnow())
-        rt.publish(transition)
-        return self._answer({"state": PcState.OFFLINE, "reason": req.reason})
+        return self._answer(self._going_down(self.rt, db(), who, req.reason))
 
     def _poll(self, environ: WSGIEnvironment, db: _LazySession) -> Answer:
         args: dict[str, str] = {}
@@ -148,7 +140,7 @@ class AgentFastPath:
         return self._answer({"commands": self._wait_for_commands(self.rt, db, who, query)})
 
     def _answer(self, body: dict[str, Any]) -> Answer:
-        return 200, {**body, "config": self.rt.wire_config()}, {}
+        return 200, self.rt.agent_answer(body), {}
 
 
 def _token(environ: WSGIEnvironment) -> str | None:

@@ -70,6 +70,10 @@ class Runtime:
     def wire_config(self) -> dict[str, Any]:
         return {**self.timing.as_wire(), "presence_mode": str(self.mode)}
 
+    def agent_answer(self, body: dict[str, Any]) -> dict[str, Any]:
+        """An answer to a PC: every one carries the timing, so clients follow a mode change."""
+        return {**body, "config": self.wire_config()}
+
     def load_mode(self) -> None:
         """The presence mode an admin chose in the dashboard wins over the environment."""
         with self.sessions() as s:

@@ -9,14 +9,15 @@ from typing import Any
 from flask import Blueprint, jsonify
 from flask.typing import ResponseReturnValue
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
 
 from wcms.protocol import CLIENT_PREFIX, ErrorCode, PcState
-from wcms.server.auth import client_address, current_pc, db
+from wcms.server.auth import PcIdentity, client_address, current_pc, db
 from wcms.server.db import utcnow
 from wcms.server.errors import ApiError
 from wcms.server.models import PcInfo
 from wcms.server.openapi import documented
-from wcms.server.runtime import runtime
+from wcms.server.runtime import Runtime, runtime
 from wcms.server.schemas import HeartbeatRequest, RegisterRequest, ShutdownRequest, parse_body
 from wcms.server.services import accounts, pc_service
 
@@ -24,7 +25,7 @@ bp = Blueprint("client_api", __name__, url_prefix=CLIENT_PREFIX)
 
 
 def _answer(body: dict[str, Any], status: int = 200) -> ResponseReturnValue:
-    return jsonify({**body, "config": runtime().wire_config()}), status
+    return jsonify(runtime().agent_answer(body)), status
 
 
 @bp.post("/register")
@@ -76,10 +77,9 @@ def heartbeat() -> ResponseReturnValue:
     hb = parse_body(HeartbeatRequest)
     who = current_pc(hb.machine_id)
     rt = runtime()
-    now = utcnow()
-    if hb.event is None and hb.hardware is None and rt.buffer.knows_online(who.pc_id):
-        rt.buffer.add(who.pc_id, hb, now)  # the hot path: written in the next batch
+    if buffered(rt, who, hb):
         return _answer({"state": PcState.ONLINE})
+    now = utcnow()
     s = db()
     pc = s.get(PcInfo, who.pc_id)
     if pc is None:
@@ -101,9 +101,23 @@ def heartbeat() -> ResponseReturnValue:
 )
 def shutdown() -> ResponseReturnValue:
     req = parse_body(ShutdownRequest)
-    who = current_pc(req.machine_id)
-    rt = runtime()
+    return _answer(going_down(runtime(), db(), current_pc(req.machine_id), req.reason))
+
+
+# The two steps the agent fast path (server/fastpath.py) shares with the views above.
+
+
+def buffered(rt: Runtime, who: PcIdentity, hb: HeartbeatRequest) -> bool:
+    """The heartbeat hot path: a plain report from a PC this process knows to be online goes
+    into the buffer (written in the next batch). False: it changes state, take the slow path."""
+    if hb.event is None and hb.hardware is None and rt.buffer.knows_online(who.pc_id):
+        rt.buffer.add(who.pc_id, hb, utcnow())
+        return True
+    return False
+
+
+def going_down(rt: Runtime, s: Session, who: PcIdentity, reason: str) -> dict[str, Any]:
+    """The shutdown signal: offline at once with its reason; answers the body to send."""
     rt.buffer.set_online(who.pc_id, False)  # a buffered heartbeat must not revive it
-    transition = pc_service.set_offline_immediately(db(), who.machine_id, req.reason, utcnow())
-    rt.publish(transition)
-    return _answer({"state": PcState.OFFLINE, "reason": req.reason})
+    rt.publish(pc_service.set_offline_immediately(s, who.machine_id, reason, utcnow()))
+    return {"state": PcState.OFFLINE, "reason": reason}

@@ -62,7 +62,7 @@ class ResultRequest(Strict):
 
 
 def _answer(body: dict[str, Any], status: int = 200) -> ResponseReturnValue:
-    return jsonify({**body, "config": runtime().wire_config()}), status
+    return jsonify(runtime().agent_answer(body)), status
 
 
 @client_bp.get("/commands")
