@@ -6,6 +6,7 @@ Nothing here imports Flask, SQLAlchemy or pywin32: the Windows client bundle shi
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -70,6 +71,7 @@ class DisplayStatus(StrEnum):
     STOPPED = "stopped"  # the client service was stopped
 
 
+@functools.cache  # a handful of (state, reason) pairs; PC lists ask thousands of times
 def display_status(state: str, reason: str | None) -> DisplayStatus:
     """Derive the status a person sees from the stored state and reason."""
     if state == PcState.ONLINE:

@@ -95,8 +95,8 @@ def table(model: type[Base]) -> Table:
 
 
 class BatchStatement:
-    """A statement run on the DBAPI cursor: the heartbeat writer's batches (executemany) and
-    the shutdown signal's two statements.
+    """A statement run on the DBAPI cursor: the heartbeat writer's batches (executemany), the
+    shutdown signal's UPDATE and every power event's INSERT.
 
     SQLAlchemy processes the parameters of every row of an executemany in Python, which was
     most of a batch's cost (bench/heartbeats.py --profile). This compiles the statement once

@@ -87,7 +87,6 @@ def serve(settings: Settings, access_log: bool = False) -> None:
         "worker_connections": 20000,
         "timeout": 60,
         "graceful_timeout": 10,
-        "keepalive": KEEPALIVE,
         "backlog": 4096,
         "accesslog": "-" if access_log else None,
         "errorlog": "-",

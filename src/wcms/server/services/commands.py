@@ -185,9 +185,8 @@ def _resolve(session: Session, target: Target) -> tuple[list[int], str]:
 
 def has_open(session: Session, pc_id: int) -> bool:
     """Whether the PC has a command queued or delivered but not yet acknowledged."""
-    open_ = (CommandStatus.QUEUED, CommandStatus.DELIVERED)
     found = session.execute(
-        select(Command.id).where(Command.pc_id == pc_id, Command.status.in_(open_)).limit(1)
+        select(Command.id).where(Command.pc_id == pc_id, Command.status.in_(OPEN)).limit(1)
     ).first()
     session.rollback()  # hold no transaction while the poll waits
     return found is not None

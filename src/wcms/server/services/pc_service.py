@@ -51,9 +51,8 @@ class Transition:
 # unit-of-work flush, and no cache key rebuilt per request (see bench/shutdown_latency.py).
 _PC = table(PcInfo)
 _METRICS = table(PcMetrics)
-_INSERT_EVENT = insert(table(PowerEvent))
 _EV = table(PowerEvent)
-_RAW_EVENT = BatchStatement(
+_INSERT_EVENT = BatchStatement(
     insert(_EV).values(
         pc_id=bindparam("b_pc", type_=_EV.c.pc_id.type),
         from_state=bindparam("b_from", type_=_EV.c.from_state.type),
@@ -80,8 +79,8 @@ _RAW_GO_OFFLINE = BatchStatement(_GO_OFFLINE)
 
 def _event(session: Session, t: Transition) -> Transition:
     """Write the transition's power event, in the caller's transaction."""
-    row = {"pc_id": t.pc_id, "from_state": t.from_state, "to_state": t.to_state}
-    session.connection().execute(_INSERT_EVENT, {**row, "reason": t.reason, "at": t.at})
+    row = {"b_pc": t.pc_id, "b_from": t.from_state, "b_to": t.to_state}
+    _INSERT_EVENT.execute(session.connection(), [{**row, "b_reason": t.reason, "b_at": t.at}])
     return t
 
 
@@ -94,14 +93,13 @@ def set_offline_immediately(
     """
     # The hot path runs on the driver's cursor (db.BatchStatement): the same SQL and values
     # SQLAlchemy would send, without its per-statement work (bench/shutdown_latency.py).
-    conn = session.connection()
-    moved = _RAW_GO_OFFLINE.fetch(conn, {"b_mid": machine_id, "b_reason": reason, "b_now": now})
+    moved = _RAW_GO_OFFLINE.fetch(
+        session.connection(), {"b_mid": machine_id, "b_reason": reason, "b_now": now}
+    )
     if moved:
-        pc_id = moved[0][0]
-        row = {"b_pc": pc_id, "b_from": PcState.ONLINE, "b_to": PcState.OFFLINE}
-        _RAW_EVENT.execute(conn, [{**row, "b_reason": reason, "b_at": now}])
+        t = _event(session, Transition(moved[0][0], PcState.ONLINE, PcState.OFFLINE, reason, now))
         session.commit()
-        return Transition(pc_id, PcState.ONLINE, PcState.OFFLINE, reason, now)
+        return t
     # Already offline: keep the freshest reason (a late "shutdown" after "lost" is the truth).
     pc = session.execute(
         select(PcInfo)

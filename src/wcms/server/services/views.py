@@ -86,9 +86,6 @@ def _summary(r: Row[Any, *tuple[Any, ...]]) -> dict[str, Any]:
     # Unpacked by position: thousands of rows per call, and attribute access costs more.
     (pc_id, machine_id, hostname, state, is_online, reason, since, last_seen, offline_after) = r[:9]
     (ip, user, version, room_id, row, col, room, cpu, ram, metrics_at) = r[9:]
-    status = _STATUS.get((state, reason))
-    if status is None:
-        status = _STATUS[(state, reason)] = str(display_status(state, reason))
     return {
         "id": pc_id,
         "machine_id": machine_id,
@@ -96,7 +93,7 @@ def _summary(r: Row[Any, *tuple[Any, ...]]) -> dict[str, Any]:
         "state": state,
         "is_online": is_online,
         "reason": reason,
-        "status": status,
+        "status": display_status(state, reason),
         "since": _iso_stored(since),
         "last_seen": _iso_stored(last_seen),
         "offline_after": _iso_stored(offline_after),
@@ -110,9 +107,6 @@ def _summary(r: Row[Any, *tuple[Any, ...]]) -> dict[str, Any]:
         "ram_percent": ram,
         "metrics_at": _iso_stored(metrics_at),
     }
-
-
-_STATUS: dict[tuple[str, str | None], str] = {}  # (state, reason) -> display status
 
 
 def list_pcs(session: Session, room_id: int | None = None) -> list[dict[str, Any]]:
