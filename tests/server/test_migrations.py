@@ -20,6 +20,8 @@ TABLES = {
     "registration_pins",
     "audit_log",
     "settings",
+    "admin_sessions",
+    "rate_limits",
 }
 
 

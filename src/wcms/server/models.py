@@ -17,6 +17,8 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
+    true,
 )
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
@@ -78,6 +80,12 @@ class PcInfo(Base):
     seat_row: Mapped[int | None] = mapped_column(Integer)
     seat_col: Mapped[int | None] = mapped_column(Integer)
     registered_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
+    # A PC registered by PIN alone gets no secret-carrying command until an admin approves it
+    # (or its PIN approved it); rows from before approvals existed count as approved.
+    approved: Mapped[bool] = mapped_column(Boolean, default=False, server_default=true())
+    # Until then, this machine may register again without its current token (an admin allowed
+    # it, e.g. after a reinstall); otherwise re-registering a known machine needs its token.
+    reregister_until: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
 
     room: Mapped[Room | None] = relationship(back_populates="pcs")
 
@@ -160,6 +168,37 @@ class ApiKey(Base):
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     last_used_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    # The admin whose access the key carries (it dies with it); NULL: the organisation's key,
+    # made explicitly on the server's command line.
+    owner_id: Mapped[int | None] = mapped_column(ForeignKey("admins.id", ondelete="CASCADE"))
+
+
+class AdminSession(Base):
+    """A logged-in dashboard session, kept on the server: the cookie holds only a random id,
+    stored here as its SHA-256, so logging out (or a password change) really ends it."""
+
+    __tablename__ = "admin_sessions"
+    __table_args__ = (Index("ix_admin_sessions_admin_id", "admin_id"),)
+
+    id_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    admin_id: Mapped[int] = mapped_column(ForeignKey("admins.id", ondelete="CASCADE"))
+    csrf: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    last_seen_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
+    expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)  # absolute limit
+    ip: Mapped[str | None] = mapped_column(String(64))
+
+
+class RateLimit(Base):
+    """A shared rate limit (GCRA): the key's theoretical arrival time, in epoch seconds.
+
+    Checked and consumed in one conditional UPDATE, so concurrent requests, processes and
+    nodes cannot all pass one limit, and a restart forgets nothing."""
+
+    __tablename__ = "rate_limits"
+
+    key: Mapped[str] = mapped_column(String(200), primary_key=True)
+    tat: Mapped[float] = mapped_column(Float)
 
 
 class RegistrationPin(Base):
@@ -176,6 +215,8 @@ class RegistrationPin(Base):
     created_at: Mapped[dt.datetime] = mapped_column(UTCDateTime, default=utcnow)
     expires_at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
+    # PCs registered with this PIN are approved at once (the admin vouches for where it is used).
+    auto_approve: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
 
 
 class AuditLog(Base):
