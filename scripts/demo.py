@@ -169,7 +169,9 @@ def main() -> int:
         cols = 4
         rows = (demo.count + 1) // cols + 1  # one row to spare: empty seats show too
         room = demo.api("POST", "/api/rooms", {"name": "Demo lab", "rows": rows, "cols": cols})
-        pin = demo.api("POST", "/api/pins", {"multi_use": True, "expires_minutes": 30})["pin"]
+        pin = demo.api(
+            "POST", "/api/pins", {"multi_use": True, "expires_minutes": 30, "auto_approve": True}
+        )["pin"]
         seated = demo.seat_clients(room["id"], cols, demo.start_clients(pin))
         bar = "=" * 64
         print(

@@ -204,8 +204,11 @@ class LiveServer:
             raise ApiError(status, data)
         return data
 
-    def create_pin(self, multi: bool = False, minutes: int = 10) -> str:
-        data = self.admin("POST", "/api/pins", {"multi_use": multi, "expires_minutes": minutes})
+    def create_pin(self, multi: bool = False, minutes: int = 10, approve: bool = True) -> str:
+        """A PIN; by default it approves the PCs it registers (tests/security and
+        tests/server/test_registration.py test PINs that do not)."""
+        body = {"multi_use": multi, "expires_minutes": minutes, "auto_approve": approve}
+        data = self.admin("POST", "/api/pins", body)
         return str(data["pin"])
 
     def pcs(self) -> list[dict[str, Any]]:
@@ -260,11 +263,19 @@ def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServ
     db.drop()
 
 
-def register_pc(server: LiveServer, machine_id: str | None = None, **extra: Any) -> dict[str, Any]:
-    """Register a PC over HTTP as a client would; returns the answer plus `machine_id`."""
+def register_pc(
+    server: LiveServer,
+    machine_id: str | None = None,
+    token: str | None = None,
+    approve: bool = True,
+    **extra: Any,
+) -> dict[str, Any]:
+    """Register a PC over HTTP as a client would (with its current `token` when it registers
+    again); returns the answer plus `machine_id`."""
     machine_id = machine_id or f"TEST-{uuid.uuid4().hex[:16]}"
-    body = {"pin": server.create_pin(), "machine_id": machine_id, "hostname": "lab-pc", **extra}
-    status, data = server.api("POST", "/api/client/register", body)
+    pin = server.create_pin(approve=approve)
+    body = {"pin": pin, "machine_id": machine_id, "hostname": "lab-pc", **extra}
+    status, data = server.api("POST", "/api/client/register", body, token=token)
     assert status == 201, data
     return {**data, "machine_id": machine_id}
 

@@ -69,7 +69,9 @@ def _parser() -> argparse.ArgumentParser:
     pw = admin.add_parser("passwd", help="set an admin's password (prompt or stdin)")
     pw.add_argument("name")
     pw.set_defaults(func=_admin_passwd)
-    dis = admin.add_parser("disable", help="disable an admin (their sessions end)")
+    dis = admin.add_parser(
+        "disable", help="disable an admin (their sessions end, their API keys stop working)"
+    )
     dis.add_argument("name")
     dis.set_defaults(func=_admin_disable)
 
@@ -77,11 +79,26 @@ def _parser() -> argparse.ArgumentParser:
     pc = pin.add_parser("create", help="create a 6-digit PIN and print it")
     pc.add_argument("--multi", action="store_true", help="usable by many PCs until it expires")
     pc.add_argument("--expires", default="10m", help="lifetime, e.g. 90s, 10m, 2h, 1d")
+    pc.add_argument(
+        "--approve",
+        action="store_true",
+        help="approve the PCs it registers at once (else an admin approves each one before "
+        "it may get `run` or account commands)",
+    )
     pc.set_defaults(func=_pin_create)
 
     key = sub.add_parser("apikey", help="API keys").add_subparsers(metavar="ACTION")
-    kc = key.add_parser("create", help="create an API key and print it once")
+    kc = key.add_parser(
+        "create",
+        help="create an API key and print it once: the organisation's, or --owner ADMIN's",
+    )
     kc.add_argument("name")
+    kc.add_argument(
+        "--owner",
+        metavar="ADMIN",
+        help="the admin whose access the key carries (it stops working while they are "
+        "disabled); without it, an organisation key",
+    )
     kc.set_defaults(func=_apikey_create)
 
     pcs = sub.add_parser("pcs", help="list PCs and their state")
@@ -107,10 +124,11 @@ def _settings(**overrides: Any) -> Any:
 @contextmanager
 def _session(migrate_first: bool = False) -> Iterator[Any]:
     from wcms.server import migrate
+    from wcms.server.config import prepare_data_dir
     from wcms.server.db import make_engine, make_sessionmaker
 
     settings = _settings()
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    prepare_data_dir(settings)
     engine = make_engine(settings.sqlalchemy_url)
     try:
         if migrate_first:
@@ -146,11 +164,12 @@ def _accounts_call(fn: Callable[[], Any]) -> Any:
 
 def _server_run(args: argparse.Namespace) -> int:
     from wcms.server import migrate
+    from wcms.server.config import prepare_data_dir
     from wcms.server.db import make_engine
     from wcms.server.runner import serve
 
     settings = _settings(host=args.host, port=args.port)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    prepare_data_dir(settings)
     engine = make_engine(settings.sqlalchemy_url)
     migrate.upgrade(engine)
     engine.dispose()
@@ -218,22 +237,22 @@ def _admin_passwd(args: argparse.Namespace) -> int:
     password = _read_password(f"new password for {args.name}: ")
     with _session() as s:
         admin = _find_admin(s, args.name)
-        _accounts_call(lambda: accounts.set_password(admin, password))
+        ended = _accounts_call(lambda: accounts.set_password(s, admin, password))
         audit.record(s, "cli", "admin.passwd", utcnow(), args.name)
         s.commit()
-    print(f"password of {args.name!r} changed; their other sessions have ended")
+    print(f"password of {args.name!r} changed; {ended} dashboard session(s) ended")
     return EXIT_OK
 
 
 def _admin_disable(args: argparse.Namespace) -> int:
     from wcms.server.db import utcnow
-    from wcms.server.services import audit
+    from wcms.server.services import accounts, audit
 
     with _session() as s:
-        _find_admin(s, args.name).is_active = False
-        audit.record(s, "cli", "admin.disable", utcnow(), args.name)
+        if accounts.set_active(s, _find_admin(s, args.name), False):
+            audit.record(s, "cli", "admin.disable", utcnow(), args.name)
         s.commit()
-    print(f"admin {args.name!r} disabled")
+    print(f"admin {args.name!r} disabled; their sessions have ended and their API keys stopped")
     return EXIT_OK
 
 
@@ -246,11 +265,16 @@ def _pin_create(args: argparse.Namespace) -> int:
     secret = ensure_secret_key(_settings())
     with _session() as s:
         row, pin = _accounts_call(
-            lambda: accounts.create_pin(s, secret, "cli", utcnow(), expires, args.multi)
+            lambda: accounts.create_pin(
+                s, secret, "cli", utcnow(), expires, args.multi, auto_approve=args.approve
+            )
         )
-        audit.record(s, "cli", "pin.create", utcnow(), f"****{row.hint}", {"multi": args.multi})
+        details = {"multi": args.multi, "auto_approve": args.approve}
+        audit.record(s, "cli", "pin.create", utcnow(), f"****{row.hint}", details)
         s.commit()
     kind = "multi-use" if args.multi else "single-use"
+    if args.approve:
+        kind += ", approves the PCs it registers"
     print(pin)
     print(f"({kind}, expires {row.expires_at:%Y-%m-%d %H:%M} UTC)", file=sys.stderr)
     return EXIT_OK
@@ -261,11 +285,25 @@ def _apikey_create(args: argparse.Namespace) -> int:
     from wcms.server.services import accounts, audit
 
     with _session() as s:
-        _row, key = _accounts_call(lambda: accounts.create_api_key(s, args.name, utcnow()))
-        audit.record(s, "cli", "apikey.create", utcnow(), args.name)
+        owner = _find_admin(s, args.owner) if args.owner else None
+        if owner is not None and not owner.is_active:
+            raise CliError(f"admin {args.owner!r} is disabled; a key of theirs would not work")
+        owner_id = owner.id if owner is not None else None
+        _row, key = _accounts_call(
+            lambda: accounts.create_api_key(s, args.name, utcnow(), owner_id=owner_id)
+        )
+        details = {"owner": args.owner} if owner is not None else {"organisation": True}
+        audit.record(s, "cli", "apikey.create", utcnow(), args.name, details)
         s.commit()
     print(key)
-    print("(shown only this once; send it as 'Authorization: Bearer <key>')", file=sys.stderr)
+    kind = (
+        f"owned by admin {args.owner!r}: it stops working while they are disabled"
+        if owner is not None
+        else "an organisation key, owned by no admin"
+    )
+    print(
+        f"({kind}; shown only this once; send it as 'Authorization: Bearer <key>')", file=sys.stderr
+    )
     return EXIT_OK
 
 

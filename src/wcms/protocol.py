@@ -143,6 +143,19 @@ class CommandType(StrEnum):
 
 POWER_COMMANDS = frozenset({CommandType.SHUTDOWN, CommandType.RESTART, CommandType.LOGOFF})
 
+# Commands whose content is confidential or that manage the PC's accounts: `run` (its command
+# line may hold credentials and it runs arbitrary code) and every account command (passwords,
+# account names). The server queues them only for approved PCs and hands them over only to a
+# poll whose token it has just re-checked in the database (docs/API.md, "Approval").
+SECRET_COMMANDS = frozenset(
+    {
+        CommandType.RUN,
+        CommandType.ACCOUNT_CREATE,
+        CommandType.ACCOUNT_DELETE,
+        CommandType.ACCOUNT_PASSWORD,
+    }
+)
+
 
 class CommandStatus(StrEnum):
     QUEUED = "queued"
@@ -175,10 +188,13 @@ class ErrorCode(StrEnum):
     FORBIDDEN = "forbidden"
     CSRF = "csrf_failed"
     INVALID_PIN = "invalid_pin"
-    PIN_EXPIRED = "pin_expired"
-    PIN_USED = "pin_used"
     RATE_LIMITED = "rate_limited"
     NOT_FOUND = "not_found"
     METHOD_NOT_ALLOWED = "method_not_allowed"
     CONFLICT = "conflict"
+    MACHINE_REGISTERED = "machine_registered"  # re-registration needs the token or an admin
+    DATABASE_UNAVAILABLE = "database_unavailable"  # 503: the database does not answer
+    CLIENT_DISCONNECTED = "client_disconnected"  # 400: the client closed mid-body
+    REQUEST_TIMEOUT = "request_timeout"  # 408: headers or body missed their deadline
+    TOO_MANY_CONNECTIONS = "too_many_connections"  # 503: over the per-address cap
     INTERNAL = "internal_error"

@@ -8,9 +8,11 @@ from pathlib import Path
 import pytest
 
 from tests.client.conftest import TmpPlatform
+from tests.conftest import LiveServer, register_pc
 from wcms.client import http
 from wcms.client.config import load_config
 from wcms.client.main import (
+    AWAIT_ADMIN_RETRY,
     BACKOFF_CAP,
     Agent,
     Decision,
@@ -51,6 +53,8 @@ def test_heartbeat_jitter_only_shortens_the_wait() -> None:
         (http.ApiError(403, "pin_expired", "expired"), Decision.SLOW_RETRY),
         (http.ApiError(400, "validation_error", "cpu_percent"), Decision.SLOW_RETRY),
         (http.ApiError(404, "not_found", "no route"), Decision.SLOW_RETRY),
+        (http.ApiError(409, "conflict", "raced"), Decision.SLOW_RETRY),
+        (http.ApiError(409, "machine_registered", "ask an admin"), Decision.AWAIT_ADMIN),
     ],
 )
 def test_what_an_error_means(error: http.HttpError, decision: Decision) -> None:
@@ -117,3 +121,50 @@ def test_seed_helper_without_registration(
     with caplog.at_level(logging.INFO, logger="wcms"):
         assert send_shutdown_signal() is False
     assert "Shutdown signal failed: this PC is not registered (reason=shutdown)" in caplog.text
+
+
+def test_a_known_machine_waits_for_an_admin_then_registers_by_itself(
+    plat: TmpPlatform, tmp_path: Path, live_server: LiveServer, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Registered already (a reinstalled PC lost its token): 409 `machine_registered` is not
+    transient but not final either; the agent asks every minute and registers once an admin
+    allowed it, without anyone touching the PC."""
+    first = register_pc(live_server, machine_id=plat.machine_id())
+    env = {
+        "WCMS_CLIENT_DIR": str(tmp_path / "c"),
+        "WCMS_SERVER_URL": live_server.url,
+        "WCMS_PIN": live_server.create_pin(multi=True, approve=False),
+    }
+    agent = Agent(load_config(plat, env=env), plat, rand=lambda: 0.5)
+    assert agent.token is None
+    with caplog.at_level(logging.INFO, logger="wcms"):
+        delay = agent._step()
+    assert delay == pytest.approx(AWAIT_ADMIN_RETRY)  # jittered around a minute (0.5: the middle)
+    assert agent.token is None
+    assert "Registration refused" in caplog.text and "an admin must allow" in caplog.text
+    assert "every minute" in caplog.text
+    assert agent._step() == pytest.approx(AWAIT_ADMIN_RETRY)  # and again, as long as it takes
+
+    live_server.admin("POST", f"/api/pcs/{first['pc_id']}/allow-reregister")
+    with caplog.at_level(logging.INFO, logger="wcms"):
+        assert agent._step() < AWAIT_ADMIN_RETRY / 2  # registered, heartbeat sent
+    assert agent.token is not None and agent.token != first["token"]
+    assert "Registered with" in caplog.text
+    pc = live_server.admin("GET", f"/api/pcs/{first['pc_id']}")
+    assert pc["approved"] is False and pc["reregister_until"] is None  # the leave is used up
+
+
+def test_registering_again_sends_the_token_it_holds(
+    plat: TmpPlatform, tmp_path: Path, live_server: LiveServer
+) -> None:
+    first = register_pc(live_server, machine_id=plat.machine_id())
+    env = {
+        "WCMS_CLIENT_DIR": str(tmp_path / "c"),
+        "WCMS_SERVER_URL": live_server.url,
+        "WCMS_PIN": live_server.create_pin(approve=False),
+    }
+    agent = Agent(load_config(plat, env=env), plat)
+    agent.token = first["token"]
+    assert agent._register() is True  # its current token: no admin needed
+    assert agent.token != first["token"]
+    assert live_server.admin("GET", f"/api/pcs/{first['pc_id']}")["approved"] is True  # kept

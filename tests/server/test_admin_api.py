@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from flask import Flask
 
 from tests.conftest import LiveServer, register_pc
@@ -23,22 +25,26 @@ def test_presence_mode_changes_reach_clients_on_their_next_answer(live_server: L
 
 def test_admin_actions_are_audited_without_secrets(live_server: LiveServer) -> None:
     pin = live_server.create_pin()
-    key = live_server.admin("POST", "/api/apikeys", {"name": "backup script"})
-    assert key["key"].startswith("wcms_ak_")
+    made = live_server.admin("POST", "/api/admins", {"username": "kim"})
+    assert len(made["password"]) >= 16
     live_server.admin("PUT", "/api/settings", {"presence_mode": "conservative"})
     entries = live_server.admin("GET", "/api/audit")["entries"]
     actions = [e["action"] for e in entries]
-    assert actions[:3] == ["settings.presence_mode", "apikey.create", "pin.create"]
+    assert actions[:3] == ["settings.presence_mode", "admin.create", "pin.create"]
     assert all(e["actor"] == "apikey:tests" and e["ip"] == "127.0.0.1" for e in entries[:3])
     text = str(entries)
-    assert pin not in text and key["key"] not in text
+    assert pin not in text and made["password"] not in text
 
 
 def test_revoked_api_key_stops_working(live_server: LiveServer) -> None:
-    key = live_server.admin("POST", "/api/apikeys", {"name": "temp"})
-    assert live_server.api("GET", "/api/me", token=key["key"])[0] == 200
-    live_server.admin("DELETE", f"/api/apikeys/{key['id']}")
-    status, body = live_server.api("GET", "/api/me", token=key["key"])
+    key = live_server.cli("apikey", "create", "temp")
+    assert live_server.api("GET", "/api/me", token=key)[0] == 200
+    key_id = next(
+        k["id"] for k in live_server.admin("GET", "/api/apikeys")["apikeys"] if k["name"] == "temp"
+    )
+    revoked = live_server.admin("DELETE", f"/api/apikeys/{key_id}")
+    assert revoked["revoked"] is True and revoked["owner"] is None
+    status, body = live_server.api("GET", "/api/me", token=key)
     assert status == 401 and body["error"]["code"] == "unauthorized"
 
 
@@ -56,7 +62,7 @@ def test_openapi_documents_every_api_route(app: Flask) -> None:
     for rule in app.url_map.iter_rules():
         if not (rule.rule.startswith("/api/") or rule.rule == "/healthz"):
             continue
-        path = rule.rule.replace("<int:", "{").replace("<", "{").replace(">", "}")
+        path = re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule.rule)
         for method in (rule.methods or set()) - {"HEAD", "OPTIONS"}:
             if (path, method.lower()) not in documented:
                 missing.append((method, rule.rule))

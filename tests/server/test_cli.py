@@ -56,6 +56,7 @@ def test_admin_create_pin_apikey_and_pcs(database: Database) -> None:
     assert bad.returncode == 1 and "cannot read the duration" in bad.stderr
     key = wcms(database, "apikey", "create", "ci")
     assert key.returncode == 0 and key.stdout.strip().startswith("wcms_ak_")
+    assert "an organisation key" in key.stderr
     listed = wcms(database, "pcs", "--json")
     assert listed.returncode == 0 and json.loads(listed.stdout) == []
     assert "no PCs registered" in wcms(database, "pcs").stdout
@@ -66,3 +67,31 @@ def test_bad_settings_and_unmigrated_database_read_clearly(database: Database) -
     assert bad.returncode == 1 and "WCMS_PRESENCE_MODE='turbo'" in bad.stderr
     empty = wcms(database, "pcs")
     assert empty.returncode == 1 and "wcms db upgrade" in empty.stderr
+
+
+def test_apikey_owner_is_explicit(database: Database) -> None:
+    from sqlalchemy import select
+
+    from wcms.server.db import make_engine, make_sessionmaker
+    from wcms.server.models import Admin, ApiKey
+
+    assert wcms(database, "db", "upgrade").returncode == 0
+    assert wcms(database, "admin", "create", "kim", stdin="correct horse battery\n").returncode == 0
+    owned = wcms(database, "apikey", "create", "kim's backup", "--owner", "kim")
+    assert owned.returncode == 0 and owned.stdout.strip().startswith("wcms_ak_")
+    assert "owned by admin 'kim'" in owned.stderr
+    org = wcms(database, "apikey", "create", "monitoring")
+    assert org.returncode == 0 and "an organisation key" in org.stderr
+    nobody = wcms(database, "apikey", "create", "x", "--owner", "nobody")
+    assert nobody.returncode == 1 and "no admin named 'nobody'" in nobody.stderr
+    assert wcms(database, "admin", "disable", "kim").returncode == 0
+    disabled = wcms(database, "apikey", "create", "y", "--owner", "kim")
+    assert disabled.returncode == 1 and "is disabled" in disabled.stderr
+    engine = make_engine(database.url)
+    try:
+        with make_sessionmaker(engine)() as s:
+            kim = s.execute(select(Admin.id).where(Admin.username == "kim")).scalar_one()
+            keys = s.execute(select(ApiKey.name, ApiKey.owner_id).order_by(ApiKey.id)).all()
+    finally:
+        engine.dispose()
+    assert [tuple(k) for k in keys] == [("kim's backup", kim), ("monitoring", None)]

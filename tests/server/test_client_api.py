@@ -160,7 +160,7 @@ def test_reregistration_keeps_the_record_and_revokes_the_old_token(
 ) -> None:
     first = register_pc(live_server)
     shutdown(live_server, first)
-    again = register_pc(live_server, machine_id=first["machine_id"])
+    again = register_pc(live_server, machine_id=first["machine_id"], token=first["token"])
     assert again["pc_id"] == first["pc_id"] and again["token"] != first["token"]
     status, body = hb(live_server, first)
     assert status == 401 and body["error"]["code"] == "invalid_token"

@@ -27,7 +27,7 @@ def add_pc(session: Session, name: str) -> PcInfo:
     req = RegisterRequest.model_validate(
         {"pin": "000000", "machine_id": f"TEST-{name}-0000", "hostname": name}
     )
-    pc, _token, _t = pc_service.register(session, req, T0, offline_after=35)
+    pc, _token, _t = pc_service.register(session, req, T0, offline_after=35, approve=True)
     session.commit()
     return pc
 
@@ -405,3 +405,179 @@ def test_the_presence_loop_expires_commands_and_publishes(rt: Runtime, session: 
     while not q.empty():
         messages.append(q.get_nowait())
     assert {"type": "command", "status": "expired", "pc_id": pc.id}.items() <= messages[-1].items()
+
+
+# ---------------------------------------------------------------------------- delivery marks
+
+
+def _handed_from_memory(session: Session, pc: PcInfo, box: Any) -> int:
+    """A message staged and handed to a woken poll (the outbox), its mark not written yet."""
+    from wcms.server.services import outbox
+
+    batch = send(session, [pc], CommandType.MESSAGE, {"text": "hi"})
+    box.stage(outbox.load(session, batch.id, {pc.id}, SECRET))
+    [wire], _changes, left = box.take(pc.id, later(1), None)
+    assert not left and box.has_marks()
+    return int(wire["id"])
+
+
+def _delivery(session: Session, command_id: int) -> tuple[str, int, dt.datetime | None]:
+    session.expire_all()
+    cmd = session.get(Command, command_id)
+    assert cmd is not None
+    return cmd.status, cmd.attempts, cmd.delivered_at
+
+
+def test_an_ack_before_the_outbox_mark_counts_the_delivery(session: Session) -> None:
+    # What a crash (or a quick client) left as attempts 0 / delivered_at NULL: the client acked
+    # a command handed over from memory before the `delivered` mark was written, and the late
+    # mark only moves queued commands.
+    from wcms.server.services import outbox
+
+    pc = add_pc(session, "lab")
+    box = outbox.Outbox()
+    command_id = _handed_from_memory(session, pc, box)
+    assert _delivery(session, command_id) == ("queued", 0, None)
+    status, _ = commands.acknowledge(session, pc.id, command_id, later(2))
+    assert status == "running"
+    assert _delivery(session, command_id) == ("running", 1, later(2))
+    assert box.flush(session) == 1  # the mark comes late and moves nothing
+    assert _delivery(session, command_id) == ("running", 1, later(2))
+    cmd, _ = commands.record_result(
+        session, pc.id, command_id, Report(CommandStatus.SUCCEEDED, 0), later(3), server_secret=""
+    )
+    assert (cmd.status, cmd.attempts, cmd.delivered_at) == ("succeeded", 1, later(2))
+
+
+def test_a_result_for_a_command_never_marked_counts_the_delivery(session: Session) -> None:
+    # After a crash lost the mark and the ack's answer, the client's journalled result is all
+    # the server hears of the command.
+    from wcms.server.services import outbox
+
+    pc = add_pc(session, "lab")
+    command_id = _handed_from_memory(session, pc, outbox.Outbox())  # the marks die with it
+    cmd, changes = commands.record_result(
+        session, pc.id, command_id, Report(CommandStatus.SUCCEEDED, 0), later(3), server_secret=""
+    )
+    assert [c.status for c in changes] == ["succeeded"]
+    assert (cmd.status, cmd.attempts, cmd.delivered_at, cmd.started_at) == (
+        "succeeded",
+        1,
+        later(3),
+        later(3),
+    )
+
+
+def _meet_before(rt: Runtime, sql_prefix: str, parties: int) -> Any:
+    """Make `parties` threads meet at a barrier right before each runs its statement starting
+    with `sql_prefix`: every one of them has read the row before any writes it."""
+    import contextlib
+    import threading
+
+    from sqlalchemy import event
+
+    barrier = threading.Barrier(parties, timeout=10)
+
+    def hook(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if statement.lstrip().upper().startswith(sql_prefix) and not barrier.broken:
+            with contextlib.suppress(threading.BrokenBarrierError):
+                barrier.wait()
+
+    event.listen(rt.engine, "before_cursor_execute", hook)
+    return lambda: event.remove(rt.engine, "before_cursor_execute", hook)
+
+
+def _race(*calls: Any, together: bool = False) -> list[Any]:
+    """Run each call in its own thread (`together`: released at once by a barrier)."""
+    import threading
+
+    results: list[Any] = [None] * len(calls)
+    start = threading.Barrier(len(calls), timeout=10)
+
+    def run(i: int) -> None:
+        try:
+            if together:
+                start.wait()
+            results[i] = calls[i]()
+        except Exception as exc:  # handed back to the test
+            results[i] = exc
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(len(calls))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=30)
+    return results
+
+
+def test_two_acks_racing_start_the_command_once(rt: Runtime, session: Session) -> None:
+    pc = add_pc(session, "lab")
+    send(session, [pc], CommandType.LOCK, {})
+    [wire] = deliver(session, pc, later(1))
+
+    def ack() -> list[Any]:
+        with rt.sessions() as s:
+            return commands.acknowledge(s, pc.id, wire["id"], later(2))[1]
+
+    done = _meet_before(rt, "UPDATE COMMANDS", 2)
+    try:
+        changes = _race(ack, ack)
+    finally:
+        done()
+    assert sorted(len(c) for c in changes) == [0, 1], changes  # one `running`, announced once
+    assert _delivery(session, wire["id"]) == ("running", 1, later(1))
+
+
+def test_two_copies_of_a_result_racing_are_stored_and_announced_once(
+    rt: Runtime, session: Session
+) -> None:
+    pc = add_pc(session, "lab")
+    send(session, [pc], CommandType.RUN, {"command": "echo hi"})
+    [wire] = deliver(session, pc, later(1))
+    commands.acknowledge(session, pc.id, wire["id"], later(2))
+
+    def result(text: str) -> Any:
+        def call() -> list[Any]:
+            with rt.sessions() as s:
+                report = Report(CommandStatus.SUCCEEDED, 0, text)
+                return commands.record_result(
+                    s, pc.id, wire["id"], report, later(3), server_secret=SECRET
+                )[1]
+
+        return call
+
+    done = _meet_before(rt, "UPDATE COMMANDS", 2)
+    try:
+        changes = _race(result("first"), result("second"))
+    finally:
+        done()
+    assert sorted(len(c) for c in changes) == [0, 1], changes
+    cmd = session.get(Command, wire["id"])
+    assert cmd is not None
+    session.refresh(cmd)
+    winner = "first" if changes[0] else "second"
+    assert (cmd.status, cmd.stdout) == ("succeeded", winner)  # the announced one is stored
+
+
+def test_an_ack_racing_the_outbox_mark_always_counts_one_delivery(
+    rt: Runtime, session: Session
+) -> None:
+    from wcms.server.services import outbox
+
+    pc = add_pc(session, "lab")
+    for _ in range(10):
+        box = outbox.Outbox()
+        command_id = _handed_from_memory(session, pc, box)
+
+        def ack(command_id: int = command_id) -> str:
+            with rt.sessions() as s:
+                return commands.acknowledge(s, pc.id, command_id, later(2))[0]
+
+        def flush(box: Any = box) -> int:
+            with rt.sessions() as s:
+                return int(box.flush(s))
+
+        # The mark runs on the driver's cursor (no SQLAlchemy event): both start together.
+        assert _race(ack, flush, together=True) == ["running", 1]
+        status, attempts, delivered_at = _delivery(session, command_id)
+        assert (status, attempts) == ("running", 1) and delivered_at is not None

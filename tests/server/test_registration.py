@@ -12,8 +12,7 @@ from tests.conftest import LiveServer
 from wcms.server.errors import ApiError
 from wcms.server.models import RegistrationPin
 from wcms.server.runtime import Runtime
-from wcms.server.services import accounts
-from wcms.server.services.ratelimit import FailureLimiter
+from wcms.server.services import accounts, ratelimit
 
 T0 = dt.datetime(2026, 11, 26, 9, 0, tzinfo=dt.UTC)
 
@@ -31,8 +30,9 @@ def test_single_use_pin_works_once(live_server: LiveServer) -> None:
     pin = live_server.create_pin()
     assert register(live_server, pin)[0] == 201
     status, body = register(live_server, pin)
-    assert status == 403 and body["error"]["code"] == "pin_used"
-    assert "already been used" in body["error"]["message"]
+    # The same answer as a wrong PIN: a guesser must not learn which PINs exist.
+    assert status == 403 and body["error"]["code"] == "invalid_pin"
+    assert "already used" in body["error"]["message"]
 
 
 def test_multi_use_pin_registers_a_room(live_server: LiveServer) -> None:
@@ -56,7 +56,7 @@ def test_wrong_and_revoked_pins_are_refused(live_server: LiveServer) -> None:
     assert live_server.pcs() == []
 
 
-def test_expired_pin_says_so(session: Session, rt: Runtime) -> None:
+def test_expired_pin_is_refused_like_a_wrong_one(session: Session, rt: Runtime) -> None:
     row, pin = accounts.create_pin(session, rt.secret_key, "t", T0, dt.timedelta(minutes=10))
     session.commit()
     assert (
@@ -65,7 +65,7 @@ def test_expired_pin_says_so(session: Session, rt: Runtime) -> None:
     session.rollback()
     with pytest.raises(ApiError) as err:
         accounts.consume_pin(session, rt.secret_key, pin, T0 + dt.timedelta(minutes=10))
-    assert (err.value.status, err.value.code) == (403, "pin_expired")
+    assert (err.value.status, err.value.code) == (403, "invalid_pin")
 
 
 def test_pins_are_kept_only_as_hmacs(session: Session, rt: Runtime) -> None:
@@ -99,11 +99,14 @@ def test_guessing_is_rate_limited_but_a_room_behind_one_address_is_not(
     assert status == 429 and body["error"]["code"] == "rate_limited"
 
 
-def test_failure_limiter_counts_only_failures_and_refills() -> None:
-    limiter = FailureLimiter(per_minute=6, burst=3)
+def test_shared_limit_takes_atomically_gives_back_and_refills(rt: Runtime) -> None:
+    rule = ratelimit.Rule(per_minute=6, burst=3)
     for _ in range(3):
-        assert limiter.retry_after("a", 0.0) == 0
-        limiter.failed("a", 0.0)
-    assert limiter.retry_after("a", 0.0) == pytest.approx(10.0)
-    assert limiter.retry_after("b", 0.0) == 0  # other addresses are untouched
-    assert limiter.retry_after("a", 10.0) == 0  # one failure's worth refilled
+        assert rt.limits.take("a", rule, now=1000.0) == 0
+    assert rt.limits.take("a", rule, now=1000.0) == pytest.approx(10.0)
+    assert rt.limits.take("b", rule, now=1000.0) == 0  # other keys are untouched
+    rt.limits.give_back("a", rule)  # a success gives its try back
+    assert rt.limits.take("a", rule, now=1000.0) == 0
+    assert rt.limits.take("a", rule, now=1000.0) > 0
+    assert rt.limits.take("a", rule, now=1010.0) == 0  # one failure's worth refilled
+    assert rt.limits.prune(now=2000.0) == 2  # refilled buckets hold nothing: forgotten

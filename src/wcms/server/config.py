@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import os
+import re
 import secrets
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
 from wcms.protocol import PRESETS, PresenceMode, PresenceTiming
+
+# The one URL install scripts name: a plain host name, nothing a script could misread.
+_PUBLIC_URL = re.compile(r"^https?://[A-Za-z0-9.\-]+(?::[0-9]{1,5})?(?:/[A-Za-z0-9._~\-/]*)?$")
 
 
 class ConfigError(ValueError):
@@ -34,6 +38,13 @@ class Settings:
     events_retention_days: int = 365
     pin_failures_per_minute: int = 10  # wrong PINs one address may send (burst 30)
     trusted_proxies: int = 0  # how many X-Forwarded-For hops to trust (0: none)
+    public_url: str = ""  # how PCs reach this server (https://host[:port]), for install scripts
+    # Connection limits (connlimits.py): open connections one address may hold (a campus NAT
+    # with a thousand PCs behind one address needs about two per PC: a long poll and a call),
+    # and the deadlines for a request's headers (from its first byte) and its body.
+    max_connections_per_address: int = 2000
+    header_timeout: float = 10.0
+    body_timeout: float = 30.0
     background: bool = True  # run the presence checker and the heartbeat writer
     agent_fast_path: bool = True  # answer ordinary agent calls ahead of Flask (fastpath.py)
     log_level: str = "INFO"
@@ -87,7 +98,13 @@ def load_settings(overrides: dict[str, Any] | None = None) -> Settings:
     settings = Settings(**values)
     if settings.port < 1 or settings.port > 65535:
         raise ConfigError(f"WCMS_PORT={settings.port} is out of range")
-    return settings
+    if settings.max_connections_per_address < 1:
+        raise ConfigError("WCMS_MAX_CONNECTIONS_PER_ADDRESS must be at least 1")
+    if settings.public_url and not _PUBLIC_URL.match(settings.public_url):
+        raise ConfigError(
+            f"WCMS_PUBLIC_URL={settings.public_url!r} is not http(s)://host[:port][/path]"
+        )
+    return replace(settings, public_url=settings.public_url.rstrip("/"))
 
 
 def ensure_secret_key(settings: Settings) -> str:
@@ -97,7 +114,7 @@ def ensure_secret_key(settings: Settings) -> str:
     path = settings.data_dir / "secret_key"
     if path.exists():
         return path.read_text().strip()
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    prepare_data_dir(settings)
     key = secrets.token_urlsafe(48)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -106,3 +123,13 @@ def ensure_secret_key(settings: Settings) -> str:
     with os.fdopen(fd, "w") as fh:
         fh.write(key + "\n")
     return key
+
+
+def prepare_data_dir(settings: Settings) -> Path:
+    """The data dir, made (or tightened) to mode 700: it holds the database, the secret key and
+    the signing key, which no other local user may read."""
+    path = settings.data_dir
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    if path.stat().st_mode & 0o077 and path.stat().st_uid == os.getuid():
+        path.chmod(0o700)
+    return path

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import os
 from typing import Any, cast
 
 from sqlalchemy import (
@@ -16,7 +17,7 @@ from sqlalchemy import (
     create_engine,
     event,
 )
-from sqlalchemy.engine import Dialect
+from sqlalchemy.engine import Dialect, make_url
 from sqlalchemy.orm import DeclarativeBase, sessionmaker
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.dml import UpdateBase
@@ -68,9 +69,25 @@ def _sqlite_pragmas(dbapi_conn: Any, _record: Any) -> None:
     cur.close()
 
 
+def _private_sqlite_file(url: str) -> None:
+    """Create the database file (or tighten it) to mode 600 before SQLite opens it: SQLite
+    gives its -wal and -shm files the database file's mode, and the default umask would leave
+    all three readable by every local user."""
+    path = make_url(url).database
+    if not path or path == ":memory:" or path.startswith("file:"):
+        return
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        if os.fstat(fd).st_mode & 0o077 and os.fstat(fd).st_uid == os.getuid():
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+
+
 def make_engine(url: str) -> Engine:
     """Create the engine; SQLite gets WAL and foreign keys on every connection."""
     if url.startswith("sqlite"):
+        _private_sqlite_file(url)
         engine = create_engine(
             url, connect_args={"check_same_thread": False, "timeout": 10}, pool_size=10
         )
@@ -80,7 +97,12 @@ def make_engine(url: str) -> Engine:
         # psycopg 3 waits through the (gevent-patched) selectors module, so it yields to other
         # greenlets while PostgreSQL answers.
         url = "postgresql+psycopg://" + url.split("://", 1)[1]
-    return create_engine(url, pool_size=10, max_overflow=20, pool_pre_ping=True)
+    # A database host that drops packets must not hang a request for the kernel's connect
+    # timeout (minutes): 2 s (libpq's shortest sensible value) unless the URL names its own.
+    timeout = {} if "connect_timeout" in make_url(url).query else {"connect_timeout": 2}
+    return create_engine(
+        url, pool_size=10, max_overflow=20, pool_pre_ping=True, connect_args=timeout
+    )
 
 
 def make_sessionmaker(engine: Engine) -> sessionmaker[Any]:

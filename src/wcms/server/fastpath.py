@@ -29,11 +29,11 @@ from urllib.parse import parse_qsl
 
 from sqlalchemy.orm import Session
 
-from wcms.protocol import CLIENT_PREFIX, MAX_BODY_BYTES, ErrorCode, PcState
+from wcms.protocol import CLIENT_PREFIX, MAX_BODY_BYTES, PcState
 from wcms.server.auth import identify_pc, parse_bearer
-from wcms.server.errors import ApiError, error_body
+from wcms.server.errors import ApiError, error_body, unexpected_error, unreadable_body
 from wcms.server.runtime import Runtime
-from wcms.server.schemas import HeartbeatRequest, ShutdownRequest, parse
+from wcms.server.schemas import HeartbeatRequest, ShutdownRequest, json_object, parse
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
@@ -88,6 +88,7 @@ class AgentFastPath:
         self.rt = rt
         self._buffered = client.buffered
         self._going_down = client.going_down
+        self._shutdown_caller = client.shutdown_caller
         self._poll_query = commands.PollQuery
         self._wait_for_commands = commands.wait_for_commands
         self._routes: dict[tuple[str, str], Callable[[WSGIEnvironment, _LazySession], Answer]] = {
@@ -107,9 +108,9 @@ class AgentFastPath:
             return self.app(environ, start_response)
         except ApiError as err:
             status, body, extra = _error(err)
-        except Exception:  # the same last resort as Flask's handler in errors.py
-            log.exception("unhandled error on agent call %s", environ["PATH_INFO"])
-            status, body, extra = 500, error_body(ErrorCode.INTERNAL, "internal server error"), {}
+        except Exception as exc:  # the same last resort as Flask's handler in errors.py
+            status, body = unexpected_error(exc, f"agent call {environ['PATH_INFO']}")
+            extra = {}
         finally:
             db.close()
         data = json.dumps(body, separators=(",", ":")).encode()
@@ -128,7 +129,8 @@ class AgentFastPath:
 
     def _shutdown(self, environ: WSGIEnvironment, db: _LazySession) -> Answer:
         req = parse(ShutdownRequest, _json_object(environ))
-        who = identify_pc(self.rt, _token(environ), req.machine_id)
+        # The PC's token from the cache even while the database is away (api/client.py).
+        who = self._shutdown_caller(self.rt, _token(environ), req.machine_id)
         return self._answer(self._going_down(self.rt, db(), who, req.reason))
 
     def _poll(self, environ: WSGIEnvironment, db: _LazySession) -> Answer:
@@ -136,8 +138,10 @@ class AgentFastPath:
         for key, value in parse_qsl(environ.get("QUERY_STRING", ""), keep_blank_values=True):
             args.setdefault(key, value)  # the first of repeated keys, as Flask's to_dict()
         query = parse(self._poll_query, args)
-        who = identify_pc(self.rt, _token(environ), query.machine_id)
-        return self._answer({"commands": self._wait_for_commands(self.rt, db, who, query)})
+        token = _token(environ)
+        who = identify_pc(self.rt, token, query.machine_id)
+        found = self._wait_for_commands(self.rt, db, who, query, token)
+        return self._answer({"commands": found})
 
     def _answer(self, body: dict[str, Any]) -> Answer:
         return 200, self.rt.agent_answer(body), {}
@@ -153,15 +157,15 @@ def _json_object(environ: WSGIEnvironment) -> dict[str, Any]:
     length = environ.get("CONTENT_LENGTH", "")
     if mimetype != "application/json" or not length.isdigit() or int(length) > MAX_BODY_BYTES:
         raise _ToFlask
-    raw = environ["wsgi.input"].read(int(length))
+    try:
+        raw = environ["wsgi.input"].read(int(length))
+    except OSError as exc:  # closed mid-body, or past the body deadline (connlimits.py)
+        raise unreadable_body(exc, f"agent call {environ['PATH_INFO']}") from None
     environ["wsgi.input"] = io.BytesIO(raw)  # Flask can still read it
     try:
-        data = json.loads(raw)
-    except (ValueError, UnicodeDecodeError):
+        return json_object(raw)  # the one JSON reader (schemas.py)
+    except ApiError:
         raise _ToFlask from None
-    if not isinstance(data, dict):
-        raise _ToFlask
-    return data
 
 
 def _error(err: ApiError) -> Answer:

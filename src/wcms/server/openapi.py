@@ -15,6 +15,7 @@ from flask import current_app
 from pydantic import BaseModel
 
 from wcms import __version__
+from wcms.server.schemas import ID_CONVERTERS
 
 Auth = Literal["none", "pc", "admin"]
 F = TypeVar("F", bound=Callable[..., Any])
@@ -64,18 +65,46 @@ _ERROR_SCHEMA = {
     },
 }
 
-_STANDARD_ERRORS = {
-    "pc": (400, 401, 403, 413, 415),
-    "admin": (400, 401, 403, 404),
-    "none": (),
+# What each status means here; every error answer has the Error body.
+_ERROR_MEANINGS = {
+    400: "invalid request: the body, a query parameter or a header (the message names it)",
+    401: "no credentials, or ones that are invalid, expired or revoked",
+    403: "not allowed: a token for another machine, a missing CSRF token, a refused PIN",
+    404: "no such id (an id outside the database's range included)",
+    408: "the request's headers or body did not arrive within the server's deadline",
+    409: "conflicts with the current state (a name or seat taken, changed meanwhile)",
+    413: "body larger than the limit (256 KiB)",
+    415: "body is not application/json",
+    429: "too many attempts; Retry-After says when to try again",
+    503: "the database is not answering, or this address has too many open connections",
 }
+
+
+def errors_of(doc: Doc, has_path_params: bool) -> list[int]:
+    """Every error status an operation can answer: its own plus the ones that follow from its
+    shape, so the document cannot forget one (a test holds every answer to it)."""
+    codes = set(doc.errors)
+    codes |= {400, 408, 503}  # any request: the connection's limits, a query holding NUL
+    if doc.body is not None:
+        codes |= {413, 415}  # read_json_object; 400: the body is not valid for its model
+    if has_path_params:
+        codes.add(404)
+    if doc.auth != "none":
+        codes |= {401, 403}  # no or a bad credential; a CSRF failure or another PC's token
+    if doc.auth == "admin":
+        codes.add(404)
+    return sorted(codes)
 
 
 def _path(rule: str) -> tuple[str, list[dict[str, Any]]]:
     params = []
     for conv, name in re.findall(r"<(?:(\w+):)?(\w+)>", rule):
-        kind = "integer" if conv == "int" else "string"
-        params.append({"name": name, "in": "path", "required": True, "schema": {"type": kind}})
+        schema: dict[str, Any] = {"type": "string"}
+        if conv in ID_CONVERTERS:
+            schema = {"type": "integer", "minimum": 1, "maximum": ID_CONVERTERS[conv].max_value}
+        elif conv == "int":
+            schema = {"type": "integer", "minimum": 0}
+        params.append({"name": name, "in": "path", "required": True, "schema": schema})
     return re.sub(r"<(?:\w+:)?(\w+)>", r"{\1}", rule), params
 
 
@@ -125,9 +154,9 @@ def _operation(doc: Doc, params: list[dict[str, Any]], schemas: dict[str, Any]) 
             },
         }
     responses: dict[str, Any] = {str(doc.ok): {"description": "OK"}}
-    for status in sorted(set(_STANDARD_ERRORS[doc.auth]) | set(doc.errors)):
+    for status in errors_of(doc, bool(params)):
         responses[str(status)] = {
-            "description": "error",
+            "description": _ERROR_MEANINGS.get(status, "error"),
             "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}},
         }
     op["responses"] = responses

@@ -16,6 +16,8 @@ from sqlalchemy.orm import Session, sessionmaker
 from wcms.protocol import PresenceMode, PresenceTiming
 from wcms.server.config import Settings
 from wcms.server.db import utcnow
+from wcms.server.errors import db_unavailable
+from wcms.server.hashpool import HashPool
 from wcms.server.models import Setting
 from wcms.server.services import commands, pc_service, retention
 from wcms.server.services.doorbell import Doorbell
@@ -23,7 +25,8 @@ from wcms.server.services.heartbeats import HeartbeatBuffer
 from wcms.server.services.live import Bus
 from wcms.server.services.outbox import Outbox
 from wcms.server.services.pc_service import Transition
-from wcms.server.services.ratelimit import FailureLimiter
+from wcms.server.services.ratelimit import Limits
+from wcms.server.services.spool import ShutdownJournal, apply_kept
 
 log = logging.getLogger(__name__)
 
@@ -45,8 +48,7 @@ class Runtime:
     bus: Bus = field(default_factory=Bus)
     doorbell: Doorbell = field(default_factory=Doorbell)  # wakes command long polls per PC
     outbox: Outbox = field(default_factory=Outbox)  # fresh commands for woken polls
-    pin_limiter: FailureLimiter = field(default_factory=lambda: FailureLimiter(10, 30))
-    login_limiter: FailureLimiter = field(default_factory=lambda: FailureLimiter(5, 10))
+    hashpool: HashPool = field(default_factory=HashPool)  # argon2 off the request path
     mode: PresenceMode = PresenceMode.STANDARD
     # token sha256 -> (pc_id, machine_id, cached at)
     tokens: dict[str, tuple[int, str, float]] = field(default_factory=dict)
@@ -54,11 +56,24 @@ class Runtime:
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
     _timings: dict[PresenceMode, PresenceTiming] = field(default_factory=dict)
+    # Shutdown signals the database could not take, kept on disk until it answers again.
+    spool: ShutdownJournal = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.spool = ShutdownJournal(self.settings.data_dir / "spool")
+
+    @property
+    def limits(self) -> Limits:
+        """The shared rate limits (in the database: the same for every process and node)."""
+        return Limits(self.engine)
 
     def forget_tokens(self, pc_id: int) -> None:
-        """Drop a PC's cached tokens (it registered again); other PCs keep theirs."""
+        """A PC's token was revoked (it registered again, or was deleted): drop it from the
+        cache and wake the PC's waiting polls, which check their token and answer 401 if it
+        was theirs. Other PCs keep theirs."""
         for digest in [d for d, hit in self.tokens.items() if hit[0] == pc_id]:
             self.tokens.pop(digest, None)
+        self.doorbell.revoke([pc_id])
 
     @property
     def timing(self) -> PresenceTiming:
@@ -93,6 +108,10 @@ class Runtime:
 
     def start_background(self) -> None:
         if self._thread is None:
+            try:  # signals a crash left on disk, before the checker can call those PCs lost
+                self.replay_shutdowns()
+            except Exception:
+                log.exception("kept shutdown signals not replayed at start; the loop retries")
             self._thread = threading.Thread(target=self._loop, name="wcms-presence", daemon=True)
             self._thread.start()
 
@@ -106,7 +125,10 @@ class Runtime:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
-        self.tick(utcnow(), check=False)  # write what is still buffered
+        try:
+            self.tick(utcnow(), check=False)  # write what is still buffered
+        except Exception as exc:  # the database is away: kept shutdown signals stay on disk
+            log.warning("could not write what was buffered before stopping: %s", exc)
 
     def _loop(self) -> None:
         next_check = 0.0
@@ -115,23 +137,33 @@ class Runtime:
         # Under load, batches go out every flush_interval (short waits for the requests); when
         # only a few PCs call, they wait up to a second, so a batch is not a handful of rows.
         max_wait = max(FLUSH_MAX_WAIT, self.settings.flush_interval)
+        db_away = False  # logged once per outage, not at every try
         while not self._stop.wait(min(self.settings.flush_interval, self.timing.check_interval)):
             mono = time.monotonic()
             due = mono >= next_check
             full = (
                 self.buffer.pending_count() >= FLUSH_BATCH
                 or self.outbox.has_marks()
+                or self.spool.pending > 0  # kept shutdown signals: replay once the database is back
                 or mono - last_flush >= max_wait
             )
             try:
                 if due or full:
                     last_flush = mono
                     self.tick(utcnow(), check=due)
+                    if db_away:
+                        log.warning("the database answers again")
+                        db_away = False
                 if mono >= next_prune:
                     next_prune = mono + PRUNE_EVERY
                     self.prune(utcnow())
-            except Exception:  # the loop must outlive a database hiccup
-                log.exception("presence loop failed; trying again")
+            except Exception as exc:  # the loop must outlive a database hiccup
+                if not db_unavailable(exc):
+                    log.exception("presence loop failed; trying again")
+                elif not db_away:
+                    db_away = True
+                    name = type(exc).__name__
+                    log.warning("the database is away (%s); the loop keeps trying", name)
             if due:
                 next_check = mono + self.timing.check_interval
 
@@ -141,13 +173,18 @@ class Runtime:
             counts = retention.prune(
                 s, now, self.settings.metrics_retention_days, self.settings.events_retention_days
             )
+        counts["rate_limits"] = self.limits.prune(now.timestamp())
         if any(counts.values()):
             log.info("retention: deleted %s", counts)
         return counts
 
     def tick(self, now: dt.datetime, check: bool = True) -> list[Transition]:
-        """Write delivery marks and buffered heartbeats, then (if `check`) mark overdue PCs
-        lost and expire overdue commands."""
+        """Replay kept shutdown signals, write delivery marks and buffered heartbeats, then (if
+        `check`) mark overdue PCs lost and expire overdue commands.
+
+        The replay comes first and raises while the database is away, so a PC whose signal
+        waits on disk is never judged `lost` before its signal is applied."""
+        self.replay_shutdowns()
         timing = self.timing
         with self.sessions() as s:
             self.outbox.flush(s)
@@ -160,11 +197,46 @@ class Runtime:
             self.expire_commands(now)
         return changed
 
+    def replay_shutdowns(self) -> list[Transition]:
+        """Apply the shutdown signals kept on disk while the database was away, oldest first,
+        each as of the time it arrived (services/spool.py); the journal is forgotten only after
+        its last commit. Raises (leaving the rest kept) while the database is still away."""
+        applied: list[Transition] = []
+        for _ in range(2):  # a claimed file a crash left behind, then the journal
+            if not self.spool.pending:
+                break
+            batch = self.spool.claim()
+            if batch is None:
+                break
+            with self.sessions() as s:
+                for signal in batch:
+                    try:
+                        t = apply_kept(s, signal)
+                    except Exception as exc:
+                        _rollback_quietly(s)
+                        if db_unavailable(exc):
+                            raise
+                        log.exception("kept shutdown signal #%d not applied; dropped", signal.seq)
+                        continue
+                    if t is not None:
+                        applied.append(t)
+                        self.publish(t)
+            self.spool.done(batch)
+            log.warning("replayed %d kept shutdown signal(s)", len(batch))
+        return applied
+
     def expire_commands(self, now: dt.datetime) -> None:
         """Expire commands nobody fetched in time; fail running ones that never reported."""
         with self.sessions() as s:
             for change in commands.expire_overdue(s, now):
                 self.bus.publish(change.as_message())
+
+
+def _rollback_quietly(s: Session) -> None:
+    try:
+        s.rollback()
+    except Exception:  # the connection is gone; closing the session discards it
+        log.debug("rollback failed", exc_info=True)
 
 
 def runtime() -> Runtime:

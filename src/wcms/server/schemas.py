@@ -6,14 +6,28 @@ The same models feed the OpenAPI document, so the document cannot drift from the
 from __future__ import annotations
 
 import json
-from typing import Annotated, Any, Literal, TypeVar
+import re
+from typing import Annotated, Any, ClassVar, Literal, Self, TypeVar, get_args, get_origin
 
 from flask import request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic.fields import FieldInfo
+from pydantic_core import PydanticCustomError
+from werkzeug.exceptions import NotFound
+from werkzeug.routing import IntegerConverter
 
 from wcms.protocol import MAX_BODY_BYTES, SHUTDOWN_REASONS, ClientEvent, ErrorCode
 from wcms.server.errors import ApiError
 
+# The databases' integer ranges: ids of `Integer` columns (PostgreSQL's integer) and of
+# `BigInteger` ones. A number outside its column's range is refused before any query sees it.
+DB_INT_MAX = 2**31 - 1
+DB_BIGINT_MAX = 2**63 - 1
+# No request needs more than a few levels; the JSON parser itself fails near 1,000.
+MAX_JSON_DEPTH = 32
+
+DbId = Annotated[int, Field(ge=1, le=DB_INT_MAX)]
+DbBigId = Annotated[int, Field(ge=1, le=DB_BIGINT_MAX)]
 Str255 = Annotated[str, Field(max_length=255)]
 MachineId = Annotated[str, Field(min_length=8, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")]
 Percent = Annotated[float, Field(ge=0, le=100)]
@@ -21,19 +35,134 @@ NonNegInt = Annotated[int, Field(ge=0, le=2**62)]
 NonNegFloat = Annotated[float, Field(ge=0, le=1e12)]
 Mac = Annotated[str, Field(pattern=r"^[0-9a-fA-F]{2}([:-][0-9a-fA-F]{2}){5}$")]
 
+# Characters no request string may carry as they are: C0 controls but tab and line breaks,
+# DEL, C1 controls, and the Unicode bidirectional embeddings, overrides and isolates
+# (U+202A-U+202E, U+2066-U+2069), which can make a name display as some other text.
+UNSAFE_CHARS = re.compile("[\x01-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069]")
+
+BIDI_CONTROLS = re.compile("[\u202a-\u202e\u2066-\u2069]")
+# The same characters as JSON escapes them (an even run of backslashes before is not an escape).
+_BIDI_ESCAPED = re.compile(r"(?<!\\)((?:\\\\)*)\\u(?:202[a-eA-E]|206[6-9])")
+
+
+def strip_bidi(text: str) -> str:
+    """`text` without bidi embeddings, overrides and isolates (what is shown in the dashboard:
+    strings stored before input was checked included)."""
+    return BIDI_CONTROLS.sub("", text) if BIDI_CONTROLS.search(text) else text
+
+
+def strip_bidi_json(text: str) -> str:
+    """A JSON document without bidi controls in any of its strings, escaped or not."""
+    if "\\u20" in text:
+        text = _BIDI_ESCAPED.sub(r"\1", text)
+    return strip_bidi(text)
+
 
 class Strict(BaseModel):
+    """The base of every request model: unknown fields refused, no type coercion, and every
+    string checked by one validator (`_safe_strings`).
+
+    NUL (\\x00) is refused everywhere (PostgreSQL cannot store it). Other control and bidi
+    characters (UNSAFE_CHARS) are refused in what a person types (`controls = "refuse"`, the
+    default: they see the 400 and fix it) and stripped from what a PC reports
+    (`controls = "strip"`: a PC cannot fix its hostname, and a user naming a process with an
+    override must not get the PC's reports refused). A refusal names the field (see parse).
+    """
+
     model_config = ConfigDict(extra="forbid", strict=True)
+    controls: ClassVar[Literal["refuse", "strip"]] = "refuse"
+
+    @model_validator(mode="after")
+    def _safe_strings(self) -> Self:
+        # One call per model (not one per field: a heartbeat is validated thousands of times
+        # a second), over the fields that can hold text.
+        cls = type(self)
+        names = _TEXT_FIELDS.get(cls)
+        if names is None:
+            names = _TEXT_FIELDS[cls] = tuple(
+                n for n, f in cls.model_fields.items() if _holds_text(f.annotation)
+            )
+        values = self.__dict__
+        for name in names:
+            value = values[name]
+            if value is None:
+                continue
+            if isinstance(value, str):
+                if not _plain(value):
+                    values[name] = _clean(value, cls.controls, name)
+            elif isinstance(value, list):
+                if value and isinstance(value[0], str) and not _plain(" ".join(value)):
+                    values[name] = [_clean(v, cls.controls, name) for v in value]
+            elif isinstance(value, dict):
+                _refuse_nul_within(value, name)
+        return self
 
 
-class Disk(Strict):
+_TEXT_FIELDS: dict[type[BaseModel], tuple[str, ...]] = {}
+_ASCII_UNSAFE = bytes([*range(0, 9), 11, 12, *range(14, 32), 127])
+_NUL = "must not contain NUL (\\x00) characters"
+_CONTROL = "must not contain control or bidirectional-override characters"
+
+
+def _holds_text(annotation: Any) -> bool:
+    """Whether a field of this type can hold a string (str, list[str], a dict, Any...)."""
+    if annotation is str or annotation is Any:
+        return True
+    if isinstance(annotation, type):
+        return issubclass(annotation, dict | list)  # unparametrised: may hold text
+    args = get_args(annotation)
+    if get_origin(annotation) is Literal:
+        return False  # one of a few fixed values
+    return any(_holds_text(a) for a in args if not isinstance(a, FieldInfo))
+
+
+def _plain(text: str) -> bool:
+    """No NUL and none of UNSAFE_CHARS in `text` (cheap for ASCII: no regex)."""
+    if text.isascii():
+        raw = text.encode()
+        return len(raw.translate(None, _ASCII_UNSAFE)) == len(raw)
+    return "\x00" not in text and UNSAFE_CHARS.search(text) is None
+
+
+def _clean(text: str, controls: str, field: str) -> str:
+    if "\x00" in text:
+        raise PydanticCustomError("nul_character", _NUL, {"field": field})
+    if controls == "strip":
+        return UNSAFE_CHARS.sub("", text)
+    if UNSAFE_CHARS.search(text) is None:
+        return text
+    raise PydanticCustomError("control_character", _CONTROL, {"field": field})
+
+
+def _refuse_nul_within(value: Any, field: str) -> None:
+    """A free-form object (a command's `args`): NUL nowhere in its keys or strings. Its other
+    characters are checked by the model the object is validated with next."""
+    if isinstance(value, str):
+        if "\x00" in value:
+            raise PydanticCustomError("nul_character", _NUL, {"field": field})
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            _refuse_nul_within(k, field)
+            _refuse_nul_within(v, field)
+    elif isinstance(value, list):
+        for v in value:
+            _refuse_nul_within(v, field)
+
+
+class PcReport(Strict):
+    """What a PC reports: unsafe characters are stripped, not refused (see Strict)."""
+
+    controls = "strip"
+
+
+class Disk(PcReport):
     mount: Str255
     fstype: Annotated[str, Field(max_length=64)] = ""
     total: NonNegInt
     used: NonNegInt
 
 
-class Hardware(Strict):
+class Hardware(PcReport):
     os_name: Str255 | None = None
     os_version: Str255 | None = None
     os_edition: Str255 | None = None
@@ -46,7 +175,7 @@ class Hardware(Strict):
     disks: Annotated[list[Disk], Field(max_length=64)] = []
 
 
-class RegisterRequest(Strict):
+class RegisterRequest(PcReport):
     pin: Annotated[str, Field(pattern=r"^[0-9]{6}$")]
     machine_id: MachineId
     hostname: Annotated[str, Field(min_length=1, max_length=255)]
@@ -54,7 +183,7 @@ class RegisterRequest(Strict):
     hardware: Hardware = Hardware()
 
 
-class HeartbeatRequest(Strict):
+class HeartbeatRequest(PcReport):
     machine_id: MachineId
     event: Annotated[ClientEvent, Field(strict=False)] | None = None
     hostname: Annotated[str, Field(min_length=1, max_length=255)] | None = None
@@ -76,7 +205,7 @@ class HeartbeatRequest(Strict):
 assert {"shutdown", "restart", "sleep", "agent_stopped"} == set(SHUTDOWN_REASONS)
 
 
-class ShutdownRequest(Strict):
+class ShutdownRequest(PcReport):
     machine_id: MachineId
     reason: Literal["shutdown", "restart", "sleep", "agent_stopped"] = "shutdown"
 
@@ -93,13 +222,44 @@ def read_json_object() -> dict[str, Any]:
     raw = request.get_data(cache=True)
     if len(raw) > MAX_BODY_BYTES:
         raise ApiError(413, ErrorCode.TOO_LARGE, f"body larger than {MAX_BODY_BYTES} bytes")
+    return json_object(raw)
+
+
+def json_object(raw: bytes) -> dict[str, Any]:
+    """`raw` as a JSON object nested at most MAX_JSON_DEPTH deep, or a 400 saying why.
+
+    The one JSON reader of request bodies (read_json_object above and the agent fast path).
+    """
     try:
         data = json.loads(raw)
+    except RecursionError:  # the parser's own limit, near 1,000 levels
+        raise _too_deep() from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise ApiError(400, ErrorCode.INVALID_JSON, f"body is not valid JSON: {exc}") from None
     if not isinstance(data, dict):
         raise ApiError(400, ErrorCode.INVALID_JSON, "body must be a JSON object")
+    # Cheap first: a body with few brackets cannot be deep (every heartbeat is such a body).
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and _depth(data) > MAX_JSON_DEPTH:
+        raise _too_deep()
     return data
+
+
+def _too_deep() -> ApiError:
+    return ApiError(400, ErrorCode.INVALID_JSON, f"body nested deeper than {MAX_JSON_DEPTH}")
+
+
+def _depth(data: Any) -> int:
+    """How deep arrays and objects nest in `data` (1: a flat object), without recursion."""
+    deepest = 0
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        value, level = stack.pop()
+        deepest = max(deepest, level)
+        if deepest > MAX_JSON_DEPTH:
+            break
+        children = value.values() if isinstance(value, dict) else value
+        stack.extend((c, level + 1) for c in children if isinstance(c, dict | list))
+    return deepest
 
 
 def parse(model: type[M], data: Any) -> M:
@@ -109,7 +269,10 @@ def parse(model: type[M], data: Any) -> M:
     except ValidationError as exc:
         fields: dict[str, str] = {}
         for err in exc.errors(include_url=False, include_input=False):
-            where = ".".join(str(p) for p in err["loc"]) or "body"
+            loc = err["loc"]
+            if err["type"] in ("nul_character", "control_character"):  # Strict's own check
+                loc = (*loc, err["ctx"]["field"])
+            where = ".".join(str(p) for p in loc) or "body"
             fields.setdefault(where, err["msg"])
         first = next(iter(fields.items()))
         message = f"{first[0]}: {first[1]}"
@@ -123,14 +286,52 @@ def parse_body(model: type[M]) -> M:
 
 
 def query_int(name: str, default: int, lo: int, hi: int) -> int:
-    """A whole-number query parameter within [lo, hi], or 400 naming it."""
+    """A whole-number query parameter within [lo, hi], or 400 naming it.
+
+    `hi` never exceeds the database's integer range: the value may be compared with a column.
+    """
+    hi = min(hi, DB_INT_MAX)
     raw = request.args.get(name)
     if raw is None:
         return default
     try:
-        value = int(raw)
+        value = int(raw) if len(raw) <= 12 else lo - 1
     except ValueError:
         value = lo - 1
     if not lo <= value <= hi:
         raise ApiError(400, ErrorCode.VALIDATION, f"{name}: a whole number from {lo} to {hi}")
     return value
+
+
+class IdConverter(IntegerConverter):
+    """`<id:name>` in a route: a row id within the database's integer range (1 to 2^31-1).
+
+    A number outside it (or 0) is a 404 like any unknown id, for every method, and never
+    reaches a query whose database would refuse it. (Werkzeug's own min/max would make it a
+    "no match", which becomes a 405 wherever another method serves the same path.)
+    """
+
+    regex = "[0-9]+"  # ASCII digits only (Python's int() would take any script's)
+    max_value: ClassVar[int] = DB_INT_MAX
+
+    def to_python(self, value: str) -> int:
+        # Count digits first: int() of a 5,000-digit string raises.
+        if len(value) > len(str(self.max_value)) or not 1 <= int(value) <= self.max_value:
+            shown = value if len(value) <= 24 else value[:20] + "..."
+            raise NotFound(f"no such id: {shown} (ids are 1 to {self.max_value})")
+        return int(value)
+
+
+class BigIdConverter(IdConverter):
+    """`<bigid:name>`: the id of a BigInteger column (commands), 1 to 2^63-1."""
+
+    max_value: ClassVar[int] = DB_BIGINT_MAX
+
+
+# Registered in create_app. `int` is bounded too, so a route written with Flask's usual
+# `<int:...>` cannot reach the database with an id out of range either.
+ID_CONVERTERS: dict[str, type[IdConverter]] = {
+    "id": IdConverter,
+    "bigid": BigIdConverter,
+    "int": IdConverter,
+}

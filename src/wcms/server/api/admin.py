@@ -14,11 +14,11 @@ from wcms.protocol import ErrorCode, PresenceMode
 from wcms.server.auth import audit_action, current_admin, db
 from wcms.server.db import utcnow
 from wcms.server.errors import ApiError, found
-from wcms.server.models import ApiKey, AuditLog, PcInfo, RegistrationPin, Setting
+from wcms.server.models import Admin, ApiKey, AuditLog, PcInfo, RegistrationPin, Setting
 from wcms.server.openapi import documented
 from wcms.server.runtime import runtime
 from wcms.server.schemas import Strict, parse_body, query_int
-from wcms.server.services import accounts, views
+from wcms.server.services import accounts, pc_service, views
 
 bp = Blueprint("admin_api", __name__, url_prefix="/api")
 
@@ -51,7 +51,7 @@ def list_pcs() -> ResponseReturnValue:
     return jsonify({"pcs": pcs, "count": len(pcs)})
 
 
-@bp.get("/pcs/<int:pc_id>")
+@bp.get("/pcs/<id:pc_id>")
 @documented(
     "One PC with hardware, metrics history and power timeline",
     auth="admin",
@@ -67,8 +67,12 @@ def get_pc(pc_id: int) -> ResponseReturnValue:
     )
 
 
-@bp.delete("/pcs/<int:pc_id>")
-@documented("Delete a PC and its history; its token stops working", auth="admin", tag="pcs")
+@bp.delete("/pcs/<id:pc_id>")
+@documented(
+    "Delete a PC and its history; its token stops working and its waiting polls answer 401",
+    auth="admin",
+    tag="pcs",
+)
 def delete_pc(pc_id: int) -> ResponseReturnValue:
     pc = found(db().get(PcInfo, pc_id), f"no PC with id {pc_id}")
     s = db()
@@ -82,12 +86,56 @@ def delete_pc(pc_id: int) -> ResponseReturnValue:
     return jsonify({"deleted": pc_id})
 
 
+@bp.post("/pcs/<id:pc_id>/approve")
+@documented(
+    "Approve a PC: it may now be sent `run` and account commands (audited)",
+    auth="admin",
+    tag="pcs",
+    errors=(404,),
+)
+def approve_pc(pc_id: int) -> ResponseReturnValue:
+    s = db()
+    pc = found(s.get(PcInfo, pc_id), f"no PC with id {pc_id}")
+    if pc_service.approve_pc(pc):
+        audit_action("pc.approve", pc.hostname, pc_id=pc.id, machine_id=pc.machine_id)
+    s.commit()
+    return jsonify({"id": pc.id, "approved": pc.approved})
+
+
+@bp.post("/pcs/<id:pc_id>/allow-reregister")
+@documented(
+    "Let this machine register again without its token, once, within the next hour (a "
+    "reinstall or a lost token); it is approved again only by an auto-approving PIN (audited)",
+    auth="admin",
+    tag="pcs",
+    errors=(404,),
+)
+def allow_reregister(pc_id: int) -> ResponseReturnValue:
+    s = db()
+    pc = found(s.get(PcInfo, pc_id), f"no PC with id {pc_id}")
+    until = pc_service.allow_reregister(pc, utcnow())
+    audit_action(
+        "pc.allow_reregister",
+        pc.hostname,
+        pc_id=pc.id,
+        machine_id=pc.machine_id,
+        until=views.iso(until),
+    )
+    s.commit()
+    return jsonify({"id": pc.id, "reregister_until": views.iso(until)})
+
+
 # ---------------------------------------------------------------- registration PINs
 
 
 class PinCreate(Strict):
     multi_use: bool = False
     expires_minutes: Annotated[int, Field(ge=1, le=7 * 24 * 60)] = 10
+    auto_approve: bool = Field(
+        default=False,
+        description="PCs registered with this PIN are approved at once (`run` and account "
+        "commands may be sent to them); otherwise an admin approves each one",
+    )
 
 
 @bp.get("/pins")
@@ -119,15 +167,20 @@ def create_pin() -> ResponseReturnValue:
         now,
         dt.timedelta(minutes=req.expires_minutes),
         req.multi_use,
+        auto_approve=req.auto_approve,
     )
     audit_action(
-        "pin.create", f"****{row.hint}", multi_use=req.multi_use, minutes=req.expires_minutes
+        "pin.create",
+        f"****{row.hint}",
+        multi_use=req.multi_use,
+        minutes=req.expires_minutes,
+        auto_approve=req.auto_approve,
     )
     s.commit()
     return jsonify({**views.pin_view(row, now), "pin": pin}), 201
 
 
-@bp.delete("/pins/<int:pin_id>")
+@bp.delete("/pins/<id:pin_id>")
 @documented("Revoke a PIN", auth="admin", tag="pins")
 def revoke_pin(pin_id: int) -> ResponseReturnValue:
     s, now = db(), utcnow()
@@ -146,7 +199,7 @@ class KeyCreate(Strict):
     name: Annotated[str, Field(min_length=1, max_length=100)]
 
 
-def _key_view(k: ApiKey) -> dict[str, object]:
+def _key_view(k: ApiKey, owner: str | None) -> dict[str, object]:
     return {
         "id": k.id,
         "name": k.name,
@@ -154,33 +207,45 @@ def _key_view(k: ApiKey) -> dict[str, object]:
         "created_at": views.iso(k.created_at),
         "last_used_at": views.iso(k.last_used_at),
         "revoked": k.revoked_at is not None,
+        "owner_id": k.owner_id,  # null: the organisation's key (made with `wcms apikey create`)
+        "owner": owner,
     }
 
 
 @bp.get("/apikeys")
-@documented("API keys", auth="admin", tag="admin")
+@documented("API keys, each with its owner (null: the organisation's)", auth="admin", tag="admin")
 def list_keys() -> ResponseReturnValue:
-    rows = db().execute(select(ApiKey).order_by(ApiKey.id)).scalars()
-    return jsonify({"apikeys": [_key_view(k) for k in rows]})
+    rows = accounts.list_api_keys(db())
+    return jsonify({"apikeys": [_key_view(k, owner) for k, owner in rows]})
 
 
 @bp.post("/apikeys")
 @documented(
-    "Create an API key; the answer holds it once", auth="admin", tag="admin", body=KeyCreate, ok=201
+    "Create an API key owned by the calling admin (it stops working while they are disabled); "
+    "the answer holds it once. Only a logged-in admin can: an API key gets 403",
+    auth="admin",
+    tag="admin",
+    body=KeyCreate,
+    ok=201,
 )
 def create_key() -> ResponseReturnValue:
+    who = current_admin()
+    if who.admin_id is None:
+        raise ApiError(
+            403, ErrorCode.FORBIDDEN, "an API key cannot create keys; log in to the dashboard"
+        )
     req = parse_body(KeyCreate)
     s = db()
     try:
-        row, key = accounts.create_api_key(s, req.name, utcnow())
+        row, key = accounts.create_api_key(s, req.name, utcnow(), owner_id=who.admin_id)
     except accounts.AccountError as exc:
         raise ApiError(400, ErrorCode.VALIDATION, str(exc)) from None
     audit_action("apikey.create", req.name)
     s.commit()
-    return jsonify({**_key_view(row), "key": key}), 201
+    return jsonify({**_key_view(row, who.name), "key": key}), 201
 
 
-@bp.delete("/apikeys/<int:key_id>")
+@bp.delete("/apikeys/<id:key_id>")
 @documented("Revoke an API key", auth="admin", tag="admin")
 def revoke_key(key_id: int) -> ResponseReturnValue:
     s = db()
@@ -189,7 +254,8 @@ def revoke_key(key_id: int) -> ResponseReturnValue:
         row.revoked_at = utcnow()
         audit_action("apikey.revoke", row.name)
     s.commit()
-    return jsonify(_key_view(row))
+    owner = s.get(Admin, row.owner_id) if row.owner_id is not None else None
+    return jsonify(_key_view(row, owner.username if owner else None))
 
 
 # ---------------------------------------------------------------- settings and audit

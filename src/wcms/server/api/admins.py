@@ -14,7 +14,7 @@ from pydantic import Field
 from sqlalchemy import func, select
 
 from wcms.protocol import ErrorCode
-from wcms.server.auth import audit_action, current_admin, db, login_session
+from wcms.server.auth import audit_action, current_admin, db
 from wcms.server.db import utcnow
 from wcms.server.errors import ApiError, found
 from wcms.server.models import Admin
@@ -94,7 +94,7 @@ def create_admin() -> ResponseReturnValue:
     return jsonify(body), 201
 
 
-@bp.patch("/admins/<int:admin_id>")
+@bp.patch("/admins/<id:admin_id>")
 @documented(
     "Disable (their sessions end at once) or enable an admin",
     auth="admin",
@@ -112,14 +112,13 @@ def update_admin(admin_id: int) -> ResponseReturnValue:
         active = s.execute(select(func.count()).where(Admin.is_active.is_(True))).scalar_one()
         if active <= 1:
             raise ApiError(409, ErrorCode.CONFLICT, "the last active admin cannot be disabled")
-    if admin.is_active != req.active:
-        admin.is_active = req.active
+    if accounts.set_active(s, admin, req.active):  # disabling ends their sessions, keys stop
         audit_action("admin.enable" if req.active else "admin.disable", admin.username)
     s.commit()
     return jsonify(_view(admin))
 
 
-@bp.post("/admins/<int:admin_id>/password")
+@bp.post("/admins/<id:admin_id>/password")
 @documented(
     "Set an admin's password (their other sessions end); without one, generate and answer it",
     auth="admin",
@@ -130,14 +129,15 @@ def reset_password(admin_id: int) -> ResponseReturnValue:
     req = parse_body(PasswordReset)
     admin = _admin(admin_id)
     password = req.password or accounts.generate_password()
+    who = current_admin()
+    # Every session of the admin ends; an admin changing their own keeps the one in use.
+    keep = who.session_hash if admin.id == who.admin_id else None
     try:
-        accounts.set_password(admin, password)
+        accounts.set_password(db(), admin, password, keep_session=keep)
     except accounts.AccountError as exc:
         raise ApiError(400, ErrorCode.VALIDATION, str(exc)) from None
     audit_action("admin.password", admin.username)
     db().commit()
-    if admin.id == current_admin().admin_id:
-        login_session(admin)  # keep this session; the others end
     body = _view(admin)
     if req.password is None:
         body["password"] = password

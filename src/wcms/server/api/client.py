@@ -2,25 +2,28 @@
 
 from __future__ import annotations
 
+import contextlib
+import hmac
+import logging
 import math
-import time
 from typing import Any
 
 from flask import Blueprint, jsonify
 from flask.typing import ResponseReturnValue
-from sqlalchemy.exc import IntegrityError
+from sqlalchemy.exc import IntegrityError, SQLAlchemyError
 from sqlalchemy.orm import Session
 
 from wcms.protocol import CLIENT_PREFIX, ErrorCode, PcState
-from wcms.server.auth import PcIdentity, client_address, current_pc, db
+from wcms.server.auth import PcIdentity, bearer, client_address, current_pc, db, identify_pc
 from wcms.server.db import utcnow
-from wcms.server.errors import ApiError
+from wcms.server.errors import ApiError, db_unavailable
 from wcms.server.models import PcInfo
 from wcms.server.openapi import documented
 from wcms.server.runtime import Runtime, runtime
 from wcms.server.schemas import HeartbeatRequest, RegisterRequest, ShutdownRequest, parse_body
-from wcms.server.services import accounts, pc_service
+from wcms.server.services import accounts, pc_service, ratelimit
 
+log = logging.getLogger(__name__)
 bp = Blueprint("client_api", __name__, url_prefix=CLIENT_PREFIX)
 
 
@@ -30,7 +33,9 @@ def _answer(body: dict[str, Any], status: int = 200) -> ResponseReturnValue:
 
 @bp.post("/register")
 @documented(
-    "Register a PC with a PIN; returns its token",
+    "Register a PC with a PIN; returns its token. A machine already registered must also send "
+    "its current token (Authorization: Bearer) or have an admin allow it first, else 409 "
+    "`machine_registered`",
     auth="none",
     tag="client",
     body=RegisterRequest,
@@ -40,30 +45,41 @@ def _answer(body: dict[str, Any], status: int = 200) -> ResponseReturnValue:
 def register() -> ResponseReturnValue:
     rt = runtime()
     addr = client_address()
-    wait = rt.pin_limiter.retry_after(addr, time.monotonic())
-    if wait > 0:
-        raise ApiError(
-            429,
-            ErrorCode.RATE_LIMITED,
-            f"too many wrong PINs from {addr}; try again in {math.ceil(wait)} s",
-            headers={"Retry-After": str(math.ceil(wait))},
-        )
     req = parse_body(RegisterRequest)
     s = db()
     now = utcnow()
+    # One wrong PIN's worth of every limit is taken before the PIN is evaluated, atomically, and
+    # given back if it was right: concurrent requests cannot all pass one remaining try.
     try:
-        accounts.consume_pin(s, rt.secret_key, req.pin, now)
+        attempt = rt.limits.take_all(ratelimit.pin_rules(addr))
+    except ratelimit.Limited as limited:
+        wait = math.ceil(limited.retry_after)
+        raise ApiError(
+            429,
+            ErrorCode.RATE_LIMITED,
+            f"too many wrong PINs; try again in {wait} s",
+            headers={"Retry-After": str(wait)},
+        ) from None
+    try:
+        pin = accounts.consume_pin(s, rt.secret_key, req.pin, now)
     except ApiError:
         s.rollback()
-        rt.pin_limiter.failed(addr, time.monotonic())
+        log.warning("wrong registration PIN from %s (machine %s)", addr, req.machine_id)
         raise
     try:
-        pc, token, transition = pc_service.register(s, req, now, rt.timing.offline_after)
+        pc, token, transition = pc_service.register(
+            s, req, now, rt.timing.offline_after, token=bearer(), approve=pin.auto_approve
+        )
         s.commit()
     except IntegrityError:  # the same machine registering twice at the same instant
         s.rollback()
         raise ApiError(409, ErrorCode.CONFLICT, "registration raced; try again") from None
-    rt.forget_tokens(pc.id)  # the PC's old token, wherever cached, is dead
+    except ApiError:  # a known machine without its token or an admin's leave: the PIN is kept
+        s.rollback()
+        raise
+    finally:  # the PIN was right: not a guess. After the commit: SQLite has one writer
+        attempt.give_back()
+    rt.forget_tokens(pc.id)  # the PC's old token, wherever cached, is dead; its polls end
     rt.publish(transition)
     rt.buffer.set_online(pc.id, True)
     return _answer({"pc_id": pc.id, "token": token, "state": PcState.ONLINE}, 201)
@@ -94,14 +110,16 @@ def heartbeat() -> ResponseReturnValue:
 
 @bp.post("/shutdown")
 @documented(
-    "The OS is going down: mark the PC offline at once",
+    "The OS is going down: mark the PC offline at once (kept on disk if the database is away)",
     auth="pc",
     tag="client",
     body=ShutdownRequest,
+    errors=(503,),
 )
 def shutdown() -> ResponseReturnValue:
     req = parse_body(ShutdownRequest)
-    return _answer(going_down(runtime(), db(), current_pc(req.machine_id), req.reason))
+    rt = runtime()
+    return _answer(going_down(rt, db(), shutdown_caller(rt, bearer(), req.machine_id), req.reason))
 
 
 # The two steps the agent fast path (server/fastpath.py) shares with the views above.
@@ -116,8 +134,57 @@ def buffered(rt: Runtime, who: PcIdentity, hb: HeartbeatRequest) -> bool:
     return False
 
 
+def shutdown_caller(rt: Runtime, token: str | None, machine_id: str) -> PcIdentity:
+    """The PC sending a shutdown signal (auth.identify_pc), from the token cache even past its
+    TTL while the database is away: the signal is sent once, so a PC this process knows must
+    not be refused for want of a database. A token the cache does not hold cannot be checked
+    then: 503 `database_unavailable`."""
+    try:
+        return identify_pc(rt, token, machine_id)
+    except SQLAlchemyError as exc:
+        hit = rt.tokens.get(accounts.sha256(token)) if token is not None else None
+        if hit is None or not db_unavailable(exc):
+            raise
+        if not hmac.compare_digest(hit[1], machine_id):
+            raise ApiError(
+                403,
+                ErrorCode.MACHINE_MISMATCH,
+                "this token belongs to another machine; register again",
+            ) from None
+        return PcIdentity(hit[0], hit[1])
+
+
 def going_down(rt: Runtime, s: Session, who: PcIdentity, reason: str) -> dict[str, Any]:
-    """The shutdown signal: offline at once with its reason; answers the body to send."""
+    """The shutdown signal: offline at once with its reason; answers the body to send.
+
+    While the database is away the signal is kept in the server's journal on disk
+    (services/spool.py) and applied, in order and as of now, once it answers: the answer then
+    says `"queued": true`. While signals wait there, new ones join them, so none overtakes an
+    older one.
+    """
+    now = utcnow()
     rt.buffer.set_online(who.pc_id, False)  # a buffered heartbeat must not revive it
-    rt.publish(pc_service.set_offline_immediately(s, who.machine_id, reason, utcnow()))
-    return {"state": PcState.OFFLINE, "reason": reason}
+    if not rt.spool.pending:
+        try:
+            rt.publish(pc_service.set_offline_immediately(s, who.machine_id, reason, now))
+            return {"state": PcState.OFFLINE, "reason": reason}
+        except SQLAlchemyError as exc:
+            if not db_unavailable(exc):
+                raise
+            _rollback_quietly(s)
+    try:
+        entry = rt.spool.append(who.pc_id, who.machine_id, reason, now)
+    except OSError:
+        log.exception("could not keep the shutdown signal of pc %s on disk", who.pc_id)
+        raise ApiError(
+            503, ErrorCode.DATABASE_UNAVAILABLE, "the database is away and the signal not kept"
+        ) from None
+    log.warning(
+        "database away: shutdown signal of pc %s (%s) kept as #%d", who.pc_id, reason, entry.seq
+    )
+    return {"state": PcState.OFFLINE, "reason": reason, "queued": True}
+
+
+def _rollback_quietly(s: Session) -> None:
+    with contextlib.suppress(SQLAlchemyError):  # the connection is gone; close discards it
+        s.rollback()

@@ -7,24 +7,32 @@ looks once, sleeps until a command is queued for its PC or the timeout passes, l
 from __future__ import annotations
 
 import datetime as dt
+import random
 import time
 from collections.abc import Callable, Iterable
 from typing import Annotated, Any, Literal
 
 from flask import Blueprint, jsonify, request
 from flask.typing import ResponseReturnValue
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 from sqlalchemy.orm import Session
 
 from wcms.protocol import CLIENT_PREFIX, CommandStatus, CommandType, ErrorCode
-from wcms.server.auth import PcIdentity, client_address, current_admin, current_pc, db
+from wcms.server.auth import PcIdentity, bearer, client_address, current_admin, current_pc, db
 from wcms.server.db import utcnow
 from wcms.server.errors import ApiError, found
 from wcms.server.models import Command, CommandBatch, PcInfo
 from wcms.server.openapi import documented
 from wcms.server.runtime import Runtime, runtime
 from wcms.server.schemas import HeartbeatRequest, MachineId, Strict, parse, parse_body, query_int
-from wcms.server.services import command_args, command_views, commands, outbox, pc_service
+from wcms.server.services import (
+    accounts,
+    command_args,
+    command_views,
+    commands,
+    outbox,
+    pc_service,
+)
 from wcms.server.services.commands import Change
 
 client_bp = Blueprint("client_commands", __name__, url_prefix=CLIENT_PREFIX)
@@ -53,12 +61,27 @@ class AckRequest(Strict):
 
 
 class ResultRequest(Strict):
+    controls = "strip"  # a PC's report: unsafe characters stripped, not refused (schemas.py)
     machine_id: MachineId
     status: Literal["succeeded", "failed", "expired"]
     exit_code: Annotated[int, Field(ge=-(2**31), le=2**32 - 1)] | None = None
     stdout: str = ""  # longer than MAX_OUTPUT_CHARS is cut by the server
     stderr: str = ""
     error: Annotated[str, Field(max_length=4000)] | None = None
+
+    @field_validator("stdout", "stderr", mode="before")
+    @classmethod
+    def _no_nul(cls, value: object) -> object:
+        # A program may print NUL; the database cannot keep it, and refusing the report
+        # would lose the whole result. (NUL anywhere else in a request is refused.)
+        return value.replace("\x00", "") if isinstance(value, str) else value
+
+    @field_validator("exit_code")
+    @classmethod
+    def _signed(cls, value: int | None) -> int | None:
+        # Windows exit codes are unsigned 32-bit (0xC0000005 = 3221225477, an access
+        # violation); they are kept as the signed 32-bit value the column holds.
+        return value - 2**32 if value is not None and value >= 2**31 else value
 
 
 def _answer(body: dict[str, Any], status: int = 200) -> ResponseReturnValue:
@@ -79,29 +102,61 @@ def _answer(body: dict[str, Any], status: int = 200) -> ResponseReturnValue:
 def poll() -> ResponseReturnValue:
     query = parse(PollQuery, request.args.to_dict())
     who = current_pc(query.machine_id)
-    return _answer({"commands": wait_for_commands(runtime(), db, who, query)})
+    return _answer({"commands": wait_for_commands(runtime(), db, who, query, bearer())})
 
 
 def wait_for_commands(
-    rt: Runtime, db: Callable[[], Session], who: PcIdentity, query: PollQuery
+    rt: Runtime,
+    db: Callable[[], Session],
+    who: PcIdentity,
+    query: PollQuery,
+    token: str | None,
 ) -> list[dict[str, Any]]:
     """The long poll itself (the Flask view and the agent fast path both run it).
 
-    `db` opens the caller's session on first use: most polls never need one.
+    `db` opens the caller's session on first use: most polls never need one. `token` is the
+    one the poll was authenticated with: when the PC's token is revoked (it registered again,
+    or was deleted) the poll is woken and answers 401 if it was this one, and it is checked
+    in the database again right before a secret-carrying command is handed over.
     """
+    digest = accounts.sha256(token) if token is not None else None
+    try:
+        return _wait(rt, db, who, query, digest)
+    except ApiError as err:
+        if err.status == 401 and digest is not None:
+            rt.tokens.pop(digest, None)  # the database says it is gone, wherever it was revoked
+        raise
+
+
+def _wait(
+    rt: Runtime,
+    db: Callable[[], Session],
+    who: PcIdentity,
+    query: PollQuery,
+    digest: str | None,
+) -> list[dict[str, Any]]:
     limit = rt.timing.poll_timeout
     wait = limit if query.timeout is None else min(query.timeout, limit)
+    wait *= random.uniform(0.6, 1.0)  # polls that start together end apart (docs/API.md)
     _contact(rt, db, who, utcnow(), query.boot_time)
     deadline = time.monotonic() + wait
     with rt.doorbell.listen(who.pc_id) as bell:
+        if digest is not None and digest not in rt.tokens:
+            # Revoked here (forget_tokens) after this poll was let in, before it listened: the
+            # revocation's ring came too early for it, so it asks the database itself.
+            commands.may_receive_secrets(db(), who.pc_id, digest)
         # Most polls find nothing: a PC known to have nothing open skips the database.
-        found = [] if rt.doorbell.is_idle(who.pc_id) else _deliver(rt, db, who.pc_id, query)
+        idle = rt.doorbell.is_idle(who.pc_id)
+        found = [] if idle else _deliver(rt, db, who.pc_id, query, digest)
         while not found:
             left = deadline - time.monotonic()
             if left <= 0 or not bell.wait(left) or rt.doorbell.closed:
                 break
             bell.clear()
-            found = _deliver(rt, db, who.pc_id, query)
+            if bell.revoked:  # a token of this PC was revoked: was it this poll's?
+                bell.revoked = False
+                commands.may_receive_secrets(db(), who.pc_id, digest)
+            found = _deliver(rt, db, who.pc_id, query, digest)
     return found
 
 
@@ -127,10 +182,14 @@ def _contact(
 
 
 def _deliver(
-    rt: Runtime, db: Callable[[], Session], pc_id: int, query: PollQuery
+    rt: Runtime, db: Callable[[], Session], pc_id: int, query: PollQuery, digest: str | None
 ) -> list[dict[str, Any]]:
     now = utcnow()
-    staged, handed, left = rt.outbox.take(pc_id, now, query.boot_time)
+
+    def vouch() -> bool:  # right before a secret goes out from memory: ask the database
+        return commands.may_receive_secrets(db(), pc_id, digest)
+
+    staged, handed, left = rt.outbox.take(pc_id, now, query.boot_time, vouch)
     _publish(rt, handed)
     if staged and not left:  # a bulk command's fast way: no database read (services/outbox.py)
         rt.doorbell.mark_busy(pc_id)
@@ -145,6 +204,7 @@ def _deliver(
         server_secret=rt.secret_key,
         ack_timeout=float(rt.settings.extra.get("command_ack_timeout", commands.ACK_TIMEOUT)),
         boot_time=query.boot_time,
+        token_digest=digest,
     )
     _publish(rt, changes)
     wire = staged + wire
@@ -155,7 +215,7 @@ def _deliver(
     return wire
 
 
-@client_bp.post("/commands/<int:command_id>/ack")
+@client_bp.post("/commands/<bigid:command_id>/ack")
 @documented(
     "The PC starts the command; run it only if the answer's status is `running`",
     auth="pc",
@@ -171,7 +231,7 @@ def ack(command_id: int) -> ResponseReturnValue:
     return _answer({"id": command_id, "status": status})
 
 
-@client_bp.post("/commands/<int:command_id>/result")
+@client_bp.post("/commands/<bigid:command_id>/result")
 @documented(
     "The outcome of a command; a repeat for a finished command changes nothing",
     auth="pc",
@@ -201,7 +261,7 @@ def _require_admin() -> None:
     current_admin()
 
 
-Id = Annotated[int, Field(ge=1, le=2**62)]
+Id = Annotated[int, Field(ge=1, le=2**31 - 1)]  # schemas.DB_INT_MAX: rooms and PCs ids
 
 
 class TargetBody(Strict):
@@ -278,7 +338,7 @@ def send() -> ResponseReturnValue:
         rt.outbox.stage(outbox.load(s, batch.id, waiting, rt.secret_key))
     rt.doorbell.ring(pc_ids)
     rt.bus.publish(
-        {"type": "batch", "batch_id": batch.id, "command": batch.type, "total": len(pc_ids)}
+        {"type": "batch", "batch_id": batch.id, "command": batch.type, "total": batch.pc_count}
     )
     return jsonify(command_views.batch_detail(s, batch)), 201
 
@@ -295,13 +355,13 @@ def list_batches() -> ResponseReturnValue:
     return jsonify({"batches": command_views.recent_batches(db(), limit)})
 
 
-@bp.get("/batches/<int:batch_id>")
+@bp.get("/batches/<id:batch_id>")
 @documented("One batch with per-PC status and output", auth="admin", tag="commands")
 def get_batch(batch_id: int) -> ResponseReturnValue:
     return jsonify(command_views.batch_detail(db(), _batch(batch_id)))
 
 
-@bp.post("/batches/<int:batch_id>/cancel")
+@bp.post("/batches/<id:batch_id>/cancel")
 @documented(
     "Cancel the batch's commands that have not started yet (running ones finish)",
     auth="admin",
@@ -318,7 +378,7 @@ def cancel_batch(batch_id: int) -> ResponseReturnValue:
     return jsonify(command_views.batch_detail(s, batch))
 
 
-@bp.post("/commands/<int:command_id>/cancel")
+@bp.post("/commands/<bigid:command_id>/cancel")
 @documented(
     "Cancel one command if it has not started yet", auth="admin", tag="commands", errors=(404,)
 )
@@ -335,7 +395,7 @@ def cancel_command(command_id: int) -> ResponseReturnValue:
     return jsonify(command_views.command_view(cmd, pc.hostname if pc else None))
 
 
-@bp.get("/pcs/<int:pc_id>/commands")
+@bp.get("/pcs/<id:pc_id>/commands")
 @documented(
     "A PC's command history, newest first",
     auth="admin",

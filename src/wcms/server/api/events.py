@@ -17,15 +17,16 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from flask import Blueprint, Response, session
+from flask import Blueprint, Response
 from flask.typing import ResponseReturnValue
 from sqlalchemy import select
 
 from wcms.server.auth import bearer, current_admin
 from wcms.server.db import utcnow
-from wcms.server.models import Admin, PcInfo, PcMetrics
+from wcms.server.models import PcInfo, PcMetrics
 from wcms.server.openapi import documented
 from wcms.server.runtime import Runtime, runtime
+from wcms.server.schemas import strip_bidi_json
 from wcms.server.services import accounts
 from wcms.server.services.views import iso
 
@@ -42,7 +43,8 @@ SERVER_CLOSING = "server_closing"
 
 
 def frame(message: dict[str, Any]) -> str:
-    return f"data: {json.dumps(message, separators=(',', ':'))}\n\n"
+    # PC strings stored before input was checked: no bidi controls on the page (schemas.py).
+    return f"data: {strip_bidi_json(json.dumps(message, separators=(',', ':')))}\n\n"
 
 
 @bp.get("/events")
@@ -54,7 +56,7 @@ def frame(message: dict[str, Any]) -> str:
 def events() -> ResponseReturnValue:
     who = current_admin()
     rt = runtime()
-    allowed = _still_allowed(rt, who.admin_id, session.get("pw"), bearer())
+    allowed = _still_allowed(rt, who.session_hash, bearer())
     resp = Response(stream(rt, allowed), mimetype="text/event-stream")
     resp.headers["Cache-Control"] = "no-cache, no-store"
     resp.headers["X-Accel-Buffering"] = "no"  # nginx: pass frames on at once
@@ -138,17 +140,15 @@ class MetricsWatch:
         return out
 
 
-def _still_allowed(
-    rt: Runtime, admin_id: int | None, pw: object, token: str | None
-) -> Callable[[], bool]:
-    """A check the stream repeats: the admin is still active with the same password, or the
-    API key is not revoked. The request context is gone by then, so it takes what it needs."""
+def _still_allowed(rt: Runtime, session_hash: str | None, token: str | None) -> Callable[[], bool]:
+    """A check the stream repeats: the dashboard session is still live (not logged out, ended
+    by a password change or a disable, nor expired), or the API key still works. The request
+    context is gone by then, so it takes what it needs."""
 
     def check() -> bool:
         with rt.sessions() as s:
-            if admin_id is None:
-                return token is not None and accounts.api_key_for(s, token, utcnow()) is not None
-            admin = s.get(Admin, admin_id)
-            return bool(admin and admin.is_active and admin.password_hash[-16:] == pw)
+            if session_hash is not None:
+                return accounts.session_for(s, session_hash, utcnow()) is not None
+            return token is not None and accounts.api_key_for(s, token, utcnow()) is not None
 
     return check

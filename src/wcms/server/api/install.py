@@ -1,14 +1,16 @@
 """Install routes: the one-line install scripts, the Windows bundle and the Linux wheel.
 
     GET /install/windows.ps1      elevated PowerShell: download, check, run the bundle's installer
-    GET /install/windows.cmd      the same from cmd.exe or a Group Policy startup script
-    GET /install/linux.sh         venv + wheel + systemd unit
+    GET /install/windows.cmd      first install from cmd.exe / a Group Policy startup script
+    GET /install/linux.sh         venv + checked wheel + systemd unit
     GET /install/latest.json      what installers and updaters fetch (version, sha256, key)
     GET /install/<bundle or wheel>
 
 The files come from <data_dir>/bundles, where `wcms client bundle` writes them. The scripts are
 public on purpose (like the dashboard's login page): they hold no secret, the PIN is typed on
-the PC. What they run is checked on the PC against SHA-256 sums and the operator's signature.
+the PC. Each holds the SHA-256 of what it downloads and checks it before anything runs; on a PC
+with the client installed, the installed client checks the new bundle's signature first. The
+URL they name is WCMS_PUBLIC_URL (a request's Host header only as a checked fallback).
 """
 
 from __future__ import annotations
@@ -63,10 +65,24 @@ def read_latest() -> dict[str, Any] | None:
 
 
 def server_url() -> str:
-    """This server's base URL as the PC reaches it (the URL the script was fetched from)."""
+    """This server's base URL as the scripts name it: WCMS_PUBLIC_URL, never a request header.
+
+    Without WCMS_PUBLIC_URL (a quick start on a lab network), the URL the script was fetched
+    from, but only when the Host header is a plain host name and port: anything else is refused
+    (400) with a message that names the setting, so no header text ever lands in a script.
+    """
+    runtime = current_app.extensions.get("wcms")
+    configured = runtime.settings.public_url if runtime is not None else ""
+    configured = configured or str(current_app.config.get("WCMS_PUBLIC_URL") or "")
+    if configured:
+        return configured.rstrip("/")
     url = request.host_url.rstrip("/")
     if not _SAFE_URL.match(url):
-        abort(400, description="the Host header is not a plain host name")
+        abort(
+            400,
+            description="the Host header is not a plain host name; set WCMS_PUBLIC_URL "
+            "(e.g. https://wcms.example.org) to the URL PCs reach this server at",
+        )
     return url
 
 
@@ -89,6 +105,7 @@ def script(name: str) -> Response:
         "SHA256": str(latest.get("sha256", "")),
         "PUBLIC_KEY": str(latest.get("public_key") or ""),
         "WHEEL": str(latest.get("wheel", "")),
+        "WHEEL_SHA256": str(latest.get("wheel_sha256", "")),
     }
     text = render_script(name, values)
     if name.endswith(".cmd"):

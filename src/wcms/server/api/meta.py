@@ -34,6 +34,8 @@ def healthz() -> ResponseReturnValue:
         "api_version": API_VERSION,
         "presence_mode": str(rt.mode),
         "buffered_heartbeats": rt.buffer.pending_count(),
+        # Shutdown signals kept on disk while the database was away, not yet applied.
+        "kept_shutdown_signals": rt.spool.pending,
     }
     return jsonify(body), 200 if database == "ok" else 503
 

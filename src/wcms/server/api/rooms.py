@@ -16,7 +16,7 @@ from wcms.server.errors import ApiError, found
 from wcms.server.models import PcInfo
 from wcms.server.openapi import documented
 from wcms.server.runtime import runtime
-from wcms.server.schemas import Strict, parse_body
+from wcms.server.schemas import DbId, Strict, parse_body
 from wcms.server.services import rooms as layout
 from wcms.server.services import views
 
@@ -64,7 +64,7 @@ class RoomUpdate(Strict):
 
 
 class SeatAssign(Strict):
-    room_id: Annotated[int, Field(ge=1)]
+    room_id: DbId
     row: SeatIndex | None = None
     col: SeatIndex | None = None
     swap: bool = False
@@ -86,7 +86,12 @@ def list_rooms() -> ResponseReturnValue:
 
 @bp.post("/rooms")
 @documented(
-    "Create a room of rows x cols seats", auth="admin", tag="rooms", body=RoomCreate, ok=201
+    "Create a room of rows x cols seats; a name taken already (ignoring case) answers 409",
+    auth="admin",
+    tag="rooms",
+    body=RoomCreate,
+    ok=201,
+    errors=(409,),
 )
 def create_room() -> ResponseReturnValue:
     req = parse_body(RoomCreate)
@@ -97,7 +102,7 @@ def create_room() -> ResponseReturnValue:
     return jsonify(layout.room_view(room)), 201
 
 
-@bp.get("/rooms/<int:room_id>")
+@bp.get("/rooms/<id:room_id>")
 @documented("One room with its PCs (seated or not)", auth="admin", tag="rooms")
 def get_room(room_id: int) -> ResponseReturnValue:
     s = db()
@@ -106,7 +111,7 @@ def get_room(room_id: int) -> ResponseReturnValue:
     return jsonify({"room": layout.room_view(room, counts), "pcs": views.list_pcs(s, room.id)})
 
 
-@bp.patch("/rooms/<int:room_id>")
+@bp.patch("/rooms/<id:room_id>")
 @documented(
     "Rename, resize, retire (its PCs become unassigned) or restore a room",
     auth="admin",
@@ -121,7 +126,7 @@ def update_room(room_id: int) -> ResponseReturnValue:
         raise ApiError(400, ErrorCode.VALIDATION, f"{field}: give rows and cols together")
     s = db()
     room = layout.get_room(s, room_id)
-    if req.name is not None and req.name.strip() != room.name:
+    if req.name is not None and layout.clean_name(req.name) != room.name:
         old = layout.rename_room(s, room, req.name)
         audit_action("room.rename", room.name, room_id=room.id, old_name=old)
     if (
@@ -156,7 +161,7 @@ def unassigned_pcs() -> ResponseReturnValue:
     return jsonify({"pcs": pcs, "count": len(pcs)})
 
 
-@bp.put("/pcs/<int:pc_id>/seat")
+@bp.put("/pcs/<id:pc_id>/seat")
 @documented(
     "Put a PC in a room, on a seat or none; moves it between rooms. "
     "A taken seat answers 409 unless swap is true",
@@ -183,8 +188,8 @@ def assign_seat(pc_id: int) -> ResponseReturnValue:
     return jsonify(_placed(pc, swapped))
 
 
-@bp.delete("/pcs/<int:pc_id>/seat")
-@documented("Take a PC out of its room (unassigned)", auth="admin", tag="rooms")
+@bp.delete("/pcs/<id:pc_id>/seat")
+@documented("Take a PC out of its room (unassigned)", auth="admin", tag="rooms", errors=(409,))
 def unassign_seat(pc_id: int) -> ResponseReturnValue:
     pc = found(db().get(PcInfo, pc_id), f"no PC with id {pc_id}")
     old = layout.unassign_pc(db(), pc)

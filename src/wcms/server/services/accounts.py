@@ -1,4 +1,5 @@
-"""Admins (argon2id passwords), API keys and registration PINs. Secrets are kept only hashed."""
+"""Admins (argon2id passwords), their dashboard sessions, API keys and registration PINs.
+Secrets are kept only hashed."""
 
 from __future__ import annotations
 
@@ -7,22 +8,32 @@ import hashlib
 import hmac
 import re
 import secrets
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import select, update
+from sqlalchemy import bindparam, delete, select, update
 from sqlalchemy.orm import Session
 
 from wcms.protocol import PIN_LENGTH, TOKEN_PREFIX_APIKEY, ErrorCode
 from wcms.server.db import affected, table
 from wcms.server.errors import ApiError
-from wcms.server.models import Admin, ApiKey, RegistrationPin
+from wcms.server.models import Admin, AdminSession, ApiKey, RegistrationPin
 
 _hasher = PasswordHasher()
 USERNAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 MIN_PASSWORD = 10
 # Verified against when the username is unknown, so timing does not tell which names exist.
 _DUMMY_HASH = _hasher.hash(secrets.token_urlsafe(16))
+
+
+Runner = Callable[..., Any]
+
+
+def _inline(fn: Callable[..., Any], *args: Any) -> Any:
+    return fn(*args)
 
 
 class AccountError(ValueError):
@@ -53,22 +64,54 @@ def create_admin(session: Session, username: str, password: str, now: dt.datetim
     return admin
 
 
-def set_password(admin: Admin, password: str) -> None:
+def set_password(
+    session: Session, admin: Admin, password: str, keep_session: str | None = None
+) -> int:
+    """A new password; every session of the admin ends but `keep_session` (the id hash of the
+    caller's own, when admins change their own password). Answers how many ended. Caller
+    commits."""
     validate_new_password(password)
     admin.password_hash = _hasher.hash(password)
+    return end_sessions(session, admin.id, keep=keep_session)
 
 
-def authenticate(session: Session, username: str, password: str) -> Admin | None:
-    """The active admin with these credentials, or None (constant work either way)."""
-    admin = session.execute(select(Admin).where(Admin.username == username)).scalar_one_or_none()
+def set_active(session: Session, admin: Admin, active: bool) -> bool:
+    """Enable or disable an admin; disabling ends their sessions at once, and their API keys
+    stop working (api_key_for checks the owner). Answers whether it changed. Caller commits."""
+    if admin.is_active == active:
+        return False
+    admin.is_active = active
+    if not active:
+        end_sessions(session, admin.id)
+    return True
+
+
+def password_matches(password_hash: str, password: str) -> bool:
+    """argon2's verify: pure CPU (about 0.2 s), so the server runs it off the request path."""
     try:
-        _hasher.verify(admin.password_hash if admin else _DUMMY_HASH, password)
+        return bool(_hasher.verify(password_hash, password))
     except (VerificationError, InvalidHashError):
+        return False
+
+
+def authenticate(
+    session: Session, username: str, password: str, run: Runner = _inline
+) -> Admin | None:
+    """The active admin with these credentials, or None (constant work either way).
+
+    `run(fn, *args)` runs the hashing: the server passes its hash pool's runner. The session's
+    (read-only) transaction ends before the hash runs, so no database connection is held while
+    logins wait for the hashing thread."""
+    found = session.execute(select(Admin.id, Admin.password_hash).where(Admin.username == username))
+    row = found.first()
+    session.rollback()
+    if not run(password_matches, row.password_hash if row else _DUMMY_HASH, password):
         return None
+    admin = session.get(Admin, row.id) if row else None
     if admin is None or not admin.is_active:
         return None
     if _hasher.check_needs_rehash(admin.password_hash):
-        admin.password_hash = _hasher.hash(password)
+        admin.password_hash = run(_hasher.hash, password)
     return admin
 
 
@@ -81,25 +124,142 @@ def sha256(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()
 
 
-def create_api_key(session: Session, name: str, now: dt.datetime) -> tuple[ApiKey, str]:
-    """Add a key; returns the row and the key itself, which is shown once. Caller commits."""
+# ---------------------------------------------------------------- dashboard sessions
+
+# The cookie holds only a random id; the row (keyed by its SHA-256) holds the rest.
+SESSION_IDLE = dt.timedelta(hours=12)  # sliding: ends after this long unused
+SESSION_MAX = dt.timedelta(days=7)  # absolute: ends this long after the login, used or not
+SESSION_TOUCH = dt.timedelta(minutes=1)  # last_seen_at is written at most this often
+
+_S, _A = table(AdminSession), table(Admin)
+# One indexed SELECT (the session's primary key, joined on the admin's) per admin request.
+_SESSION_LOOKUP = (
+    select(
+        _S.c.admin_id, _S.c.csrf, _S.c.last_seen_at, _S.c.expires_at, _A.c.username, _A.c.is_active
+    )
+    .join(_A, _A.c.id == _S.c.admin_id)
+    .where(_S.c.id_hash == bindparam("h"))
+)
+_SESSION_TOUCH = (
+    update(_S)
+    .where(_S.c.id_hash == bindparam("h"), _S.c.last_seen_at < bindparam("stale"))
+    .values(last_seen_at=bindparam("now"))
+)
+
+
+@dataclass(frozen=True)
+class LiveSession:
+    id_hash: str
+    admin_id: int
+    username: str
+    csrf: str
+
+
+def start_session(
+    session: Session,
+    admin: Admin,
+    now: dt.datetime,
+    ip: str | None = None,
+    replaces: str | None = None,
+) -> tuple[LiveSession, str]:
+    """A new session for `admin` (a fresh random id at every login); returns it and the id for
+    the cookie, which is kept only hashed. `replaces`: the id hash of the session the browser
+    held before, which ends. Caller commits."""
+    if replaces:
+        end_session(session, replaces)
+    sid = secrets.token_urlsafe(32)
+    row = AdminSession(
+        id_hash=sha256(sid),
+        admin_id=admin.id,
+        csrf=secrets.token_urlsafe(32),
+        created_at=now,
+        last_seen_at=now,
+        expires_at=now + SESSION_MAX,
+        ip=ip[:64] if ip else None,
+    )
+    session.add(row)
+    session.flush()
+    return LiveSession(row.id_hash, admin.id, admin.username, row.csrf), sid
+
+
+def session_for(session: Session, id_hash: str, now: dt.datetime) -> LiveSession | None:
+    """The live session with this id hash, or None. An idle or expired session (or one of a
+    disabled admin) is deleted on sight; a live one has last_seen_at slid forward, written at
+    most once a minute. Commits what it writes (rarely: a read alone writes nothing)."""
+    row = session.execute(_SESSION_LOOKUP, {"h": id_hash}).first()
+    if row is None:
+        return None
+    admin_id, csrf, last_seen, expires, username, active = row
+    if not active or now >= expires or now - last_seen >= SESSION_IDLE:
+        end_session(session, id_hash)
+        session.commit()
+        return None
+    if now - last_seen >= SESSION_TOUCH:
+        session.execute(_SESSION_TOUCH, {"h": id_hash, "stale": now - SESSION_TOUCH, "now": now})
+        session.commit()
+    return LiveSession(id_hash, admin_id, username, csrf)
+
+
+def end_session(session: Session, id_hash: str) -> int:
+    """Log one session out. Caller commits."""
+    return affected(session.execute(delete(AdminSession).where(AdminSession.id_hash == id_hash)))
+
+
+def end_sessions(session: Session, admin_id: int, keep: str | None = None) -> int:
+    """End every session of an admin but `keep` (an id hash). Caller commits."""
+    stmt = delete(AdminSession).where(AdminSession.admin_id == admin_id)
+    if keep:
+        stmt = stmt.where(AdminSession.id_hash != keep)
+    return affected(session.execute(stmt))
+
+
+# ---------------------------------------------------------------- API keys
+
+
+def create_api_key(
+    session: Session, name: str, now: dt.datetime, owner_id: int | None = None
+) -> tuple[ApiKey, str]:
+    """Add a key; returns the row and the key itself, which is shown once. Caller commits.
+
+    `owner_id`: the admin whose access the key carries; it stops working while that admin is
+    disabled. None: the organisation's key, made explicitly on the server's command line."""
     name = name.strip()
     if not 1 <= len(name) <= 100:
         raise AccountError("name: 1-100 characters")
     key = TOKEN_PREFIX_APIKEY + secrets.token_urlsafe(32)
-    row = ApiKey(name=name, key_hash=sha256(key), prefix=key[:12], created_at=now)
+    row = ApiKey(
+        name=name, key_hash=sha256(key), prefix=key[:12], created_at=now, owner_id=owner_id
+    )
     session.add(row)
     session.flush()
     return row, key
 
 
 def api_key_for(session: Session, key: str, now: dt.datetime) -> ApiKey | None:
-    row = session.execute(
-        select(ApiKey).where(ApiKey.key_hash == sha256(key), ApiKey.revoked_at.is_(None))
-    ).scalar_one_or_none()
-    if row is not None and (row.last_used_at is None or now - row.last_used_at > _TOUCH):
+    """The live key, or None: unknown, revoked, or owned by an admin who is disabled or gone."""
+    found = session.execute(
+        select(ApiKey, Admin.is_active)
+        .outerjoin(Admin, Admin.id == ApiKey.owner_id)
+        .where(ApiKey.key_hash == sha256(key), ApiKey.revoked_at.is_(None))
+    ).first()
+    if found is None:
+        return None
+    row, owner_active = found
+    if row.owner_id is not None and not owner_active:  # None: the owner no longer exists
+        return None
+    if row.last_used_at is None or now - row.last_used_at > _TOUCH:
         row.last_used_at = now
     return row
+
+
+def list_api_keys(session: Session) -> list[tuple[ApiKey, str | None]]:
+    """Every key with its owner's name (None: an organisation key), oldest first."""
+    rows = session.execute(
+        select(ApiKey, Admin.username)
+        .outerjoin(Admin, Admin.id == ApiKey.owner_id)
+        .order_by(ApiKey.id)
+    ).all()
+    return [(k, name) for k, name in rows]
 
 
 _TOUCH = dt.timedelta(minutes=1)
@@ -119,8 +279,12 @@ def create_pin(
     now: dt.datetime,
     expires_in: dt.timedelta,
     multi_use: bool = False,
+    *,
+    auto_approve: bool = False,
 ) -> tuple[RegistrationPin, str]:
-    """A new PIN no live PIN shares; returns the row and the PIN (shown once). Caller commits."""
+    """A new PIN no live PIN shares; returns the row and the PIN (shown once). Caller commits.
+
+    `auto_approve`: PCs registered with it are approved at once (pc_service.register)."""
     if not dt.timedelta(minutes=1) <= expires_in <= dt.timedelta(days=7):
         raise AccountError("expiry must be between 1 minute and 7 days")
     for _ in range(20):
@@ -145,6 +309,7 @@ def create_pin(
         created_by=created_by,
         created_at=now,
         expires_at=now + expires_in,
+        auto_approve=auto_approve,
     )
     session.add(row)
     session.flush()
@@ -175,11 +340,11 @@ def consume_pin(session: Session, secret_key: str, pin: str, now: dt.datetime) -
         )
         if affected(result) == 1:
             return row
-    if any(r.expires_at <= now for r in live):
-        raise ApiError(403, ErrorCode.PIN_EXPIRED, "this PIN has expired; ask for a new one")
-    if live:
-        raise ApiError(403, ErrorCode.PIN_USED, "this single-use PIN has already been used")
-    raise ApiError(403, ErrorCode.INVALID_PIN, "wrong PIN")
+    # One answer for wrong, expired and used PINs: the answer must not tell a guesser which
+    # PINs exist (the admin's PIN list shows each PIN's state).
+    raise ApiError(
+        403, ErrorCode.INVALID_PIN, "wrong, expired or already used PIN; ask for a new one"
+    )
 
 
 def parse_duration(text: str) -> dt.timedelta:

@@ -18,13 +18,14 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from sqlalchemy import and_, insert, or_, select, update
+from sqlalchemy import and_, case, exists, func, insert, not_, or_, select, update
 from sqlalchemy.orm import Session
 
 from wcms.protocol import (
     FINAL_COMMAND_STATUSES,
     MAX_OUTPUT_CHARS,
     POWER_COMMANDS,
+    SECRET_COMMANDS,
     CommandStatus,
     CommandType,
     ErrorCode,
@@ -32,7 +33,7 @@ from wcms.protocol import (
 )
 from wcms.server.db import affected
 from wcms.server.errors import ApiError
-from wcms.server.models import Command, CommandBatch, PcInfo, Room
+from wcms.server.models import Command, CommandBatch, PcCredential, PcInfo, Room
 from wcms.server.services import audit, command_args, secretbox
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,11 @@ NO_RESULT = "no result from the PC in time"
 MAX_TARGET_PCS = 5000
 OPEN = (CommandStatus.QUEUED, CommandStatus.DELIVERED)
 STALE_ON_BOOT = POWER_COMMANDS | {CommandType.LOCK}
+NOT_APPROVED = (
+    "not sent: this PC is not approved (it registered with a PIN alone); approve it on its "
+    "page, then send the command again"
+)
+REVOKED = "this token was revoked (the PC registered again or was deleted); register again"
 
 
 @dataclass(frozen=True)
@@ -104,10 +110,20 @@ def queue(
 ) -> tuple[CommandBatch, list[int]]:
     """Queue one command for every PC of `target` as one batch; audit it. Commits.
 
-    Answers the batch and the PC ids, so the caller can ring their doorbells.
+    A secret-carrying command (protocol.SECRET_COMMANDS) is refused for each PC that is not
+    approved: its row is `failed` at once with the reason, so the batch shows who did not get
+    it, and no secret is stored for it. Answers the batch and the ids of the PCs that got a
+    queued command, so the caller can ring their doorbells.
     """
     public, secret = command_args.validate_args(kind, args)
     pc_ids, description = _resolve(session, target)
+    refused: set[int] = set()
+    if kind in SECRET_COMMANDS:
+        refused = set(
+            session.execute(
+                select(PcInfo.id).where(PcInfo.id.in_(pc_ids), PcInfo.approved.is_(False))
+            ).scalars()
+        )
     expires_at = now + (expires_in or command_args.default_expiry(kind, run_when_online))
     shown = command_args.redacted(public, set(secret))
     batch = CommandBatch(
@@ -129,17 +145,19 @@ def queue(
             "pc_id": pc_id,
             "type": str(kind),
             "args": public,
-            "secret": sealed,
-            "status": CommandStatus.QUEUED,
+            "secret": None if pc_id in refused else sealed,
+            "status": CommandStatus.FAILED if pc_id in refused else CommandStatus.QUEUED,
             "run_when_online": run_when_online,
             "queued_at": now,
             "expires_at": expires_at,
             "attempts": 0,
+            "finished_at": now if pc_id in refused else None,
+            "error": NOT_APPROVED if pc_id in refused else None,
         }
         for pc_id in pc_ids
     ]
     session.execute(insert(Command), rows)
-    details = {
+    details: dict[str, Any] = {
         "batch_id": batch.id,
         "type": str(kind),
         "args": shown,
@@ -147,9 +165,11 @@ def queue(
         "expires_at": expires_at.isoformat(),
         "run_when_online": run_when_online,
     }
+    if refused:
+        details["not_approved"] = sorted(refused)
     audit.record(session, actor, "command.send", now, description, details, ip)
     session.commit()
-    return batch, pc_ids
+    return batch, [pc_id for pc_id in pc_ids if pc_id not in refused]
 
 
 def _resolve(session: Session, target: Target) -> tuple[list[int], str]:
@@ -192,6 +212,48 @@ def has_open(session: Session, pc_id: int) -> bool:
     return found is not None
 
 
+def guarded(kind: str, sealed: bool) -> bool:
+    """Whether a command may go only to an approved PC whose token was just checked."""
+    return sealed or kind in SECRET_COMMANDS
+
+
+def _vouched(pc_id: int, token_digest: str | None) -> Any:
+    """The SQL condition under which `pc_id` may be handed a guarded command: approved, and
+    the poll's token is still the PC's, as the database has it now."""
+    approved = exists().where(PcInfo.id == pc_id, PcInfo.approved.is_(True))
+    return and_(approved, exists().where(_token_matches(pc_id, token_digest)))
+
+
+def _token_matches(pc_id: int, token_digest: str | None) -> Any:
+    """The PC's credential row, and (when given) it holds the poll's token."""
+    if token_digest is None:
+        return PcCredential.pc_id == pc_id
+    return and_(PcCredential.pc_id == pc_id, PcCredential.token_hash == token_digest)
+
+
+def _standing(session: Session, pc_id: int, token_digest: str | None) -> bool:
+    """Whether the PC is approved; 401 (after a rollback: nothing of this transaction is
+    kept) when the poll's token is no longer the PC's in the database."""
+    row = session.execute(
+        select(PcInfo.approved, exists().where(_token_matches(pc_id, token_digest))).where(
+            PcInfo.id == pc_id
+        )
+    ).first()
+    if row is None or not row[1]:
+        session.rollback()
+        raise ApiError(401, ErrorCode.INVALID_TOKEN, REVOKED)
+    return bool(row[0])
+
+
+def may_receive_secrets(session: Session, pc_id: int, token_digest: str | None) -> bool:
+    """Asked right before a guarded command is handed over from memory: 401 when the poll's
+    token is no longer the PC's in the database (revoked here, by another process, or by
+    hand); False when the PC is not approved. Holds no transaction afterwards."""
+    approved = _standing(session, pc_id, token_digest)
+    session.rollback()
+    return approved
+
+
 def deliver(
     session: Session,
     pc_id: int,
@@ -200,11 +262,17 @@ def deliver(
     server_secret: str,
     ack_timeout: float = ACK_TIMEOUT,
     boot_time: float | None = None,
+    token_digest: str | None = None,
 ) -> tuple[list[dict[str, Any]], list[Change]]:
     """Hand the PC its pending commands (new ones, and unacknowledged ones again). Commits.
 
     `boot_time` (epoch seconds, from the poll) lets power commands queued before the PC's
     current boot expire instead of shutting down a machine someone just switched on.
+
+    A guarded command (a sealed secret, `run`, an account command) moves to `delivered` only
+    if, in the same UPDATE, the PC is approved and `token_digest` (the poll's token) is still
+    its token: a token revoked meanwhile, even directly in the database, gets 401 and nothing;
+    an unapproved PC's guarded command fails with the reason.
     """
     resend_before = now - dt.timedelta(seconds=ack_timeout)
     rows = session.execute(
@@ -237,18 +305,24 @@ def deliver(
             continue
         attempt = cmd.attempts + 1
         wire = wire_form(cmd, secret, now, attempt)
+        conditions = [
+            Command.id == cmd.id,
+            Command.status == cmd.status,
+            Command.attempts == cmd.attempts,
+        ]
+        is_guarded = guarded(cmd.type, cmd.secret is not None)
+        if is_guarded:
+            conditions.append(_vouched(pc_id, token_digest))
         moved = session.execute(
             update(Command)
-            .where(
-                Command.id == cmd.id,
-                Command.status == cmd.status,
-                Command.attempts == cmd.attempts,
-            )
+            .where(*conditions)
             .values(status=CommandStatus.DELIVERED, delivered_at=now, attempts=attempt)
         )
         if affected(moved) == 1:
             handed.append(wire)
             changes.append(Change(cmd.id, cmd.batch_id, pc_id, CommandStatus.DELIVERED, now))
+        elif is_guarded and not _standing(session, pc_id, token_digest):
+            changes += _finish_open(session, cmd, CommandStatus.FAILED, now, NOT_APPROVED)
     session.commit()
     return handed, changes
 
@@ -343,9 +417,7 @@ def acknowledge(
         moved = session.execute(
             update(Command)
             .where(Command.id == cmd.id, Command.status.in_(OPEN))
-            .values(
-                status=CommandStatus.RUNNING, started_at=now, delivered_at=cmd.delivered_at or now
-            )
+            .values(status=CommandStatus.RUNNING, started_at=now, **_delivery_marks(now))
         )
         if affected(moved) == 1:
             changes.append(Change(cmd.id, cmd.batch_id, pc_id, CommandStatus.RUNNING, now))
@@ -353,6 +425,18 @@ def acknowledge(
     status = cmd.status
     session.commit()
     return status, changes
+
+
+def _delivery_marks(now: dt.datetime) -> dict[str, Any]:
+    """What an ack or a result says about delivery: it happened. A command handed over from
+    memory (services/outbox.py) and answered before its `delivered` mark was written (or
+    after a crash lost the mark) is still `queued` with attempts 0 and no delivered_at; the
+    outbox's mark then moves nothing (it only moves queued commands), so the ack or result
+    writes them itself, in its own conditional UPDATE."""
+    return {
+        "delivered_at": func.coalesce(Command.delivered_at, now),
+        "attempts": case((Command.attempts < 1, 1), else_=Command.attempts),
+    }
 
 
 def record_result(
@@ -378,16 +462,33 @@ def record_result(
     status = report.status
     if status == CommandStatus.SUCCEEDED and report.exit_code not in (None, 0):
         status = CommandStatus.FAILED
-    cmd.status = status
-    cmd.exit_code = report.exit_code
-    cmd.stdout = _clean(report.stdout, secrets)
-    cmd.stderr = _clean(report.stderr, secrets)
-    cmd.error = _clean(report.error, secrets) if report.error else None
-    cmd.delivered_at = cmd.delivered_at or now
-    cmd.started_at = cmd.started_at or now
-    cmd.finished_at = now
-    cmd.secret = None
+    # Conditional: of two copies of one result racing (the client resends until it hears
+    # back), one is stored and announced; the other finds the command final and changes nothing.
+    moved = session.execute(
+        update(Command)
+        .where(
+            Command.id == cmd.id,
+            or_(
+                not_(Command.status.in_(FINAL_COMMAND_STATUSES)),
+                and_(Command.status == CommandStatus.FAILED, Command.error == NO_RESULT),
+            ),
+        )
+        .values(
+            status=status,
+            exit_code=report.exit_code,
+            stdout=_clean(report.stdout, secrets),
+            stderr=_clean(report.stderr, secrets),
+            error=_clean(report.error, secrets) if report.error else None,
+            started_at=func.coalesce(Command.started_at, now),
+            finished_at=now,
+            secret=None,
+            **_delivery_marks(now),
+        )
+    )
     session.commit()
+    session.refresh(cmd)
+    if affected(moved) != 1:
+        return cmd, []
     return cmd, [Change(cmd.id, cmd.batch_id, pc_id, status, now)]
 
 

@@ -4,6 +4,9 @@ A waiting poll registers an Event for its PC *before* it looks in the database, 
 queued between the look and the wait still rings it. Under gevent (the production server)
 threading.Event is cooperative, so thousands of polls wait in one process for a few hundred
 bytes each. The bell is per process: the server runs one worker (see runner.py).
+
+A revoked token (the PC registered again, or was deleted) rings the PC's polls with `revoked`
+set: each checks its own token in the database and answers 401 if it was the one revoked.
 """
 
 from __future__ import annotations
@@ -13,10 +16,16 @@ from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
 
+class Bell(threading.Event):
+    """One waiting poll's wake-up; `revoked`: a token of its PC was revoked meanwhile."""
+
+    revoked = False
+
+
 class Doorbell:
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._waiting: dict[int, set[threading.Event]] = {}
+        self._waiting: dict[int, set[Bell]] = {}
         self.closed = False  # the server is stopping: polls answer at once
         # PCs known to have no open command, so an empty poll need not ask the database, and
         # a counter per PC that ring() moves, so a check that raced a new command is ignored.
@@ -33,9 +42,9 @@ class Doorbell:
         return len(events)
 
     @contextmanager
-    def listen(self, pc_id: int) -> Iterator[threading.Event]:
-        """An Event set by the next ring() for `pc_id`, while the block lasts."""
-        event = threading.Event()
+    def listen(self, pc_id: int) -> Iterator[Bell]:
+        """A Bell set by the next ring() or revoke() for `pc_id`, while the block lasts."""
+        event = Bell()
         with self._lock:
             if self.closed:
                 event.set()
@@ -58,6 +67,17 @@ class Doorbell:
                 self._rings[pc_id] = self._rings.get(pc_id, 0) + 1
                 self._idle.discard(pc_id)
             events = [e for pc_id in ids for e in self._waiting.get(pc_id, ())]
+        for event in events:
+            event.set()
+        return len(events)
+
+    def revoke(self, pc_ids: Iterable[int]) -> int:
+        """A token of each of `pc_ids` was revoked: wake their polls to check theirs."""
+        ids = list(pc_ids)
+        with self._lock:
+            events = [e for pc_id in ids for e in self._waiting.get(pc_id, ())]
+            for event in events:
+                event.revoked = True
         for event in events:
             event.set()
         return len(events)

@@ -17,6 +17,13 @@ Nothing weakens the lifecycle (services/commands.py):
 - Cancelling discards staged commands first, so none is handed over after a cancel.
 - Before a poll reads the database, pending marks are written, so a command is never handed
   over twice because its mark was late.
+- A guarded command (a sealed secret, `run`, an account command) is handed over only after
+  the poll's token and the PC's approval were checked in the database just before (the
+  `vouch` of take()): a token revoked by anyone gets 401 and nothing; an unapproved PC's
+  guarded command is left to the database path, which fails it with the reason.
+- An ack or a result that arrives before the mark is written sets attempts and delivered_at
+  itself (services/commands.py), so the late mark, which moves only queued commands, is not
+  needed for them.
 """
 
 from __future__ import annotations
@@ -24,6 +31,7 @@ from __future__ import annotations
 import datetime as dt
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -34,7 +42,7 @@ from wcms.protocol import CommandStatus
 from wcms.server.db import BatchStatement, table
 from wcms.server.models import Command
 from wcms.server.services import secretbox
-from wcms.server.services.commands import Change, refusal, wire_form
+from wcms.server.services.commands import Change, guarded, refusal, wire_form
 
 STAGE_TTL = 30.0  # seconds a staged command may wait in memory for its PC's poll
 
@@ -64,6 +72,7 @@ class Staged:
     run_when_online: bool
     staged_at: float  # time.monotonic()
     attempts: int = 0
+    sealed: bool = False  # it carries a sealed secret (args hold it unsealed)
 
 
 class Outbox:
@@ -92,20 +101,35 @@ class Outbox:
                     del self._staged[pc_id]
 
     def take(
-        self, pc_id: int, now: dt.datetime, boot_time: float | None
+        self,
+        pc_id: int,
+        now: dt.datetime,
+        boot_time: float | None,
+        vouch: Callable[[], bool] | None = None,
     ) -> tuple[list[dict[str, Any]], list[Change], bool]:
         """The PC's staged commands that may go out now, as wire forms, their `delivered`
-        changes, and whether any was left to the database path (expired, stale, too old)."""
+        changes, and whether any was left to the database path (expired, stale, too old, or
+        guarded for a PC that is not approved).
+
+        `vouch()` is called once if a guarded command would go out: it raises when the poll's
+        token is no longer valid (the staged commands stay queued in the database), and
+        answers whether the PC is approved. Without it, guarded commands go the database way."""
         with self._lock:
             staged = self._staged.pop(pc_id, [])
         young = time.monotonic() - STAGE_TTL
-        wire: list[dict[str, Any]] = []
-        changes: list[Change] = []
+        ready: list[Staged] = []
         left = False
         for cmd in staged:
             if cmd.staged_at < young or refusal(cmd, now, boot_time) is not None:
                 left = True
                 continue
+            ready.append(cmd)
+        if any(guarded(c.type, c.sealed) for c in ready) and (vouch is None or not vouch()):
+            left = True
+            ready = [c for c in ready if not guarded(c.type, c.sealed)]
+        wire: list[dict[str, Any]] = []
+        changes: list[Change] = []
+        for cmd in ready:
             wire.append(wire_form(cmd, {}, now, 1))
             changes.append(Change(cmd.id, cmd.batch_id, pc_id, CommandStatus.DELIVERED, now))
         if changes:
@@ -173,6 +197,7 @@ def load(session: Session, batch_id: int, pc_ids: set[int], server_secret: str) 
                 expires_at=cmd.expires_at,
                 run_when_online=cmd.run_when_online,
                 staged_at=now,
+                sealed=cmd.secret is not None,
             )
         )
     session.rollback()

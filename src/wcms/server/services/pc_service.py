@@ -16,8 +16,9 @@ from typing import Any
 from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
-from wcms.protocol import TOKEN_PREFIX_PC, ClientEvent, PcState, PowerReason
+from wcms.protocol import TOKEN_PREFIX_PC, ClientEvent, ErrorCode, PcState, PowerReason
 from wcms.server.db import BatchStatement, affected, table
+from wcms.server.errors import ApiError
 from wcms.server.models import PcCredential, PcInfo, PcMetrics, PowerEvent
 from wcms.server.schemas import Hardware, HeartbeatRequest, RegisterRequest
 from wcms.server.services.accounts import sha256
@@ -224,18 +225,33 @@ def metric_values(hb: HeartbeatRequest, now: dt.datetime) -> dict[str, Any]:
     return values
 
 
+REREGISTER_WINDOW = dt.timedelta(hours=1)  # an admin's "allow re-registration" lasts this long
+_CRED = table(PcCredential)
+
+
 def register(
-    session: Session, req: RegisterRequest, now: dt.datetime, offline_after: float
+    session: Session,
+    req: RegisterRequest,
+    now: dt.datetime,
+    offline_after: float,
+    *,
+    token: str | None = None,
+    approve: bool = False,
 ) -> tuple[PcInfo, str, Transition | None]:
     """Create or refresh the PC for `req.machine_id` and issue a new token. Caller commits.
 
-    A machine that registers again (a re-imaged PC) keeps its record, room, seat and history;
-    its old token stops working.
+    A new machine is approved when `approve` (its PIN auto-approves); otherwise it gets no
+    secret-carrying command until an admin approves it. A known machine registers again (a
+    re-imaged PC keeps its record, room, seat and history; its old token stops working) only
+    with its current `token` (the approval is kept) or while an admin allows it
+    (`reregister_until`, used up by this registration; approved only if `approve`). Anything
+    else is 409 `machine_registered`: a live PIN alone cannot take over a known machine.
     """
     pc = session.execute(
         select(PcInfo).where(PcInfo.machine_id == req.machine_id)
     ).scalar_one_or_none()
     transition: Transition | None = None
+    new_token_value = new_token()
     if pc is None:
         pc = PcInfo(
             machine_id=req.machine_id,
@@ -247,31 +263,81 @@ def register(
             last_seen=now,
             offline_after=now + dt.timedelta(seconds=offline_after),
             registered_at=now,
+            approved=approve,
         )
         session.add(pc)
         session.flush()
         session.add(PcMetrics(pc_id=pc.id))
+        session.add(PcCredential(pc_id=pc.id, token_hash=sha256(new_token_value), created_at=now))
         transition = _event(
             session, Transition(pc.id, None, PcState.ONLINE, PowerReason.REGISTERED, now)
         )
-    elif pc.state != PcState.ONLINE:
-        transition = mark_online(session, pc, PowerReason.BOOT, now, offline_after)
+    else:
+        approved = _authorize_again(session, pc, token, sha256(new_token_value), now)
+        if pc.state != PcState.ONLINE:
+            transition = mark_online(session, pc, PowerReason.BOOT, now, offline_after)
+        pc.approved = approved or approve  # after mark_online(), whose expire() would drop it
     pc.hostname = req.hostname
     pc.client_version = req.client_version
     pc.last_seen = now
     pc.offline_after = now + dt.timedelta(seconds=offline_after)
     for name, value in hardware_values(req.hardware).items():
         setattr(pc, name, value)
-    token = new_token()
-    cred = session.execute(
-        select(PcCredential).where(PcCredential.pc_id == pc.id)
-    ).scalar_one_or_none()
-    if cred is None:
-        session.add(PcCredential(pc_id=pc.id, token_hash=sha256(token), created_at=now))
-    else:
-        cred.token_hash = sha256(token)
-        cred.created_at = now
-    return pc, token, transition
+    return pc, new_token_value, transition
+
+
+def _authorize_again(
+    session: Session, pc: PcInfo, token: str | None, new_hash: str, now: dt.datetime
+) -> bool:
+    """Let a known machine register again, and swap in its new token's hash; answers whether
+    it stays approved. Both ways in are one conditional UPDATE whose row count is checked, so
+    two registrations racing with the same token, or in the same allowed window, cannot both
+    win (the loser is refused as if it came second)."""
+    pc_id, was_approved = pc.id, pc.approved  # read before any UPDATE expires them
+    if token is not None:
+        swapped = session.execute(
+            update(_CRED)
+            .where(_CRED.c.pc_id == pc_id, _CRED.c.token_hash == sha256(token))
+            .values(token_hash=new_hash, created_at=now)
+        )
+        if affected(swapped) == 1:
+            return was_approved  # the PC proved who it is: it keeps its approval
+    allowed = session.execute(
+        update(_PC)
+        .where(_PC.c.id == pc_id, _PC.c.reregister_until > now)
+        .values(reregister_until=None)
+    )
+    if affected(allowed) != 1:
+        raise ApiError(
+            409,
+            ErrorCode.MACHINE_REGISTERED,
+            f"machine {pc.machine_id} is already registered (as {pc.hostname}); an admin must "
+            "allow re-registration on the PC's page, or delete the PC",
+        )
+    moved = session.execute(
+        update(_CRED).where(_CRED.c.pc_id == pc_id).values(token_hash=new_hash, created_at=now)
+    )
+    if affected(moved) == 0:
+        session.add(PcCredential(pc_id=pc_id, token_hash=new_hash, created_at=now))
+    session.expire(pc, ["reregister_until"])
+    return False  # whoever came in the window registered with a PIN alone
+
+
+def allow_reregister(pc: PcInfo, now: dt.datetime) -> dt.datetime:
+    """An admin lets this machine register again without its token (a reinstall, a lost
+    token), once, within REREGISTER_WINDOW. Answers until when. Caller commits."""
+    until = now + REREGISTER_WINDOW
+    pc.reregister_until = until
+    return until
+
+
+def approve_pc(pc: PcInfo) -> bool:
+    """An admin vouches for the PC: it may now get secret-carrying commands. Answers whether
+    it changed. Caller commits."""
+    if pc.approved:
+        return False
+    pc.approved = True
+    return True
 
 
 def mark_overdue_lost(session: Session, now: dt.datetime, retry_in: float) -> list[Transition]:

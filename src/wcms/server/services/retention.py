@@ -1,4 +1,5 @@
-"""Old rows are deleted, so the database stays small: metric samples, power events, dead PINs."""
+"""Old rows are deleted, so the database stays small: metric samples, power events, dead PINs,
+ended admin sessions."""
 
 from __future__ import annotations
 
@@ -8,7 +9,8 @@ from sqlalchemy import delete, or_
 from sqlalchemy.orm import Session
 
 from wcms.server.db import affected
-from wcms.server.models import MetricSample, PowerEvent, RegistrationPin
+from wcms.server.models import AdminSession, MetricSample, PowerEvent, RegistrationPin
+from wcms.server.services.accounts import SESSION_IDLE
 
 PIN_KEEP = dt.timedelta(days=7)  # expired or revoked PINs stay listed this long
 
@@ -34,6 +36,16 @@ def prune(
                     or_(
                         RegistrationPin.expires_at < now - PIN_KEEP,
                         RegistrationPin.revoked_at < now - PIN_KEEP,
+                    )
+                )
+            )
+        ),
+        "admin_sessions": affected(
+            session.execute(
+                delete(AdminSession).where(
+                    or_(
+                        AdminSession.expires_at <= now,
+                        AdminSession.last_seen_at <= now - SESSION_IDLE,
                     )
                 )
             )

@@ -9,10 +9,11 @@ readable. Functions take the session, flush, and leave the commit to the caller.
 from __future__ import annotations
 
 import datetime as dt
+import unicodedata
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import false, func, select, update
 from sqlalchemy.orm import Session
 
 from wcms.protocol import DisplayStatus, ErrorCode, display_status
@@ -91,8 +92,9 @@ def get_room(session: Session, room_id: int) -> Room:
 
 
 def clean_name(name: str) -> str:
-    """Trim the name; refuse empty, over-long and control characters (shown in every page)."""
-    name = name.strip()
+    """Trim and NFC-normalise the name; refuse empty, over-long and control characters (shown
+    in every page)."""
+    name = unicodedata.normalize("NFC", name.strip())
     if not 1 <= len(name) <= 100:
         raise _invalid("name", "1-100 characters")
     if any(ord(c) < 32 or ord(c) == 127 for c in name):
@@ -100,12 +102,32 @@ def clean_name(name: str) -> str:
     return name
 
 
+def name_key(name: str) -> str:
+    """What two room names may not share: the name NFC-normalised and case-folded in full
+    Unicode ("Ärzte", "ärzte" and "ÄRZTE" are one name; "Straße" and "STRASSE" too)."""
+    return unicodedata.normalize("NFC", unicodedata.normalize("NFC", name).casefold())
+
+
+# Any fixed 64-bit number: the PostgreSQL advisory lock that serialises room-name changes.
+_ROOM_NAMES_LOCK = 0x57434D53_524F4F4D  # "WCMS" "ROOM"
+
+
+def _lock_room_names(session: Session) -> None:
+    """Hold room-name changes back until this transaction ends, so that two admins naming two
+    rooms alike at the same instant cannot both pass the check (the database's unique
+    constraint compares bytes, not folded names)."""
+    if session.get_bind().dialect.name == "postgresql":
+        session.execute(select(func.pg_advisory_xact_lock(_ROOM_NAMES_LOCK)))
+    else:  # SQLite: take the database's write lock now, before the names are read
+        session.execute(update(Room).where(false()).values(name=Room.name))
+
+
 def _check_name_free(session: Session, name: str, room_id: int | None) -> None:
-    query = select(Room.id).where(func.lower(Room.name) == name.lower())
-    if room_id is not None:
-        query = query.where(Room.id != room_id)
-    if session.execute(query).first() is not None:
-        raise ApiError(409, ErrorCode.CONFLICT, f"a room named {name!r} exists already")
+    _lock_room_names(session)
+    key = name_key(name)
+    for other_id, other_name in session.execute(select(Room.id, Room.name)):
+        if other_id != room_id and name_key(other_name) == key:
+            raise ApiError(409, ErrorCode.CONFLICT, f"a room named {other_name!r} exists already")
 
 
 def create_room(session: Session, name: str, rows: int, cols: int, now: dt.datetime) -> Room:

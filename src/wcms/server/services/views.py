@@ -69,6 +69,7 @@ _SUMMARY = select(
     PcMetrics.cpu_percent,
     PcMetrics.ram_percent,
     _stored(PcMetrics.at).label("metrics_at"),
+    PcInfo.approved,
 ).select_from(
     table(PcInfo)
     .outerjoin(table(PcMetrics), PcMetrics.pc_id == PcInfo.id)
@@ -85,7 +86,7 @@ def summaries(session: Session, *criteria: ColumnElement[bool]) -> list[dict[str
 def _summary(r: Row[Any, *tuple[Any, ...]]) -> dict[str, Any]:
     # Unpacked by position: thousands of rows per call, and attribute access costs more.
     (pc_id, machine_id, hostname, state, is_online, reason, since, last_seen, offline_after) = r[:9]
-    (ip, user, version, room_id, row, col, room, cpu, ram, metrics_at) = r[9:]
+    (ip, user, version, room_id, row, col, room, cpu, ram, metrics_at, approved) = r[9:]
     return {
         "id": pc_id,
         "machine_id": machine_id,
@@ -106,6 +107,7 @@ def _summary(r: Row[Any, *tuple[Any, ...]]) -> dict[str, Any]:
         "cpu_percent": cpu,
         "ram_percent": ram,
         "metrics_at": _iso_stored(metrics_at),
+        "approved": approved,  # false: no `run` or account command until an admin approves
     }
 
 
@@ -129,6 +131,10 @@ def pc_detail(session: Session, pc: PcInfo, now: dt.datetime, days: int = 7) -> 
     return {
         **summaries(session, PcInfo.id == pc.id)[0],
         "registered_at": iso(pc.registered_at),
+        # Until then the machine may register again without its token (an admin allowed it).
+        "reregister_until": iso(pc.reregister_until)
+        if pc.reregister_until is not None and pc.reregister_until > now
+        else None,
         "hardware": {
             "os_name": pc.os_name,
             "os_version": pc.os_version,
@@ -168,6 +174,7 @@ def pin_view(pin: RegistrationPin, now: dt.datetime) -> dict[str, Any]:
         "id": pin.id,
         "hint": f"****{pin.hint}",
         "multi_use": pin.multi_use,
+        "auto_approve": pin.auto_approve,
         "uses": pin.uses,
         "created_by": pin.created_by,
         "created_at": iso(pin.created_at),

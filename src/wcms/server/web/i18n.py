@@ -36,6 +36,7 @@ EN: dict[str, str] = {
     "login.submit": "Sign in",
     "login.failed": "Wrong user name or password.",
     "login.too_many": "Too many failed attempts. Try again in {n} s.",
+    "login.busy": "The server is checking many logins right now. Try again in a moment.",
     "login.expired": "The form expired. Please sign in again.",
     "login.no_admin": "No administrator exists yet. On the server, run:",
     # statuses and reasons
@@ -165,6 +166,28 @@ EN: dict[str, str] = {
     "pc.cmd_status": "Status",
     "pc.cmd_result": "Result",
     "pc.no_commands": "No commands yet.",
+    "pc.approved": "Approved",
+    "pc.approved_yes": "Yes: `run` and account commands may be sent to it",
+    "pc.approved_no": (
+        "No: it registered with a PIN alone; `run` and account commands are refused until"
+        " it is approved"
+    ),
+    "pc.approve": "Approve this PC",
+    "pc.approve_confirm": (
+        "Approve {host}? It will accept `run` and account commands (passwords). Approve "
+        "only a PC you know is this lab machine."
+    ),
+    "pc.approved_done": "Approved.",
+    "pc.reregister": "Re-registration",
+    "pc.reregister_none": "Only with its current token",
+    "pc.reregister_until": "Allowed once, until {when}",
+    "pc.allow_reregister": "Allow re-registration",
+    "pc.allow_reregister_confirm": (
+        "Let {host} register again without its token, once, within the next hour (after a"
+        " reinstall or a lost token)? Whoever registers with a PIN in that time takes "
+        "this PC's place, and must then be approved again."
+    ),
+    "pc.allow_reregister_done": "Re-registration allowed until {when}.",
     "hw.os": "Operating system",
     "hw.cpu": "Processor",
     "hw.cores": "Cores",
@@ -201,6 +224,11 @@ EN: dict[str, str] = {
     "admin.pins_help": "A PC registers once with a 6-digit PIN. The PIN is shown only once.",
     "admin.expires_minutes": "Valid for (minutes)",
     "admin.pin_multi": "Many PCs",
+    "admin.pin_approve": "Approve PCs at once",
+    "admin.pin_approve_help": (
+        "PCs registered with this PIN may receive run and account commands without a separate "
+        "approval. Use it only for installs you watch."
+    ),
     "admin.pin_single": "One PC",
     "admin.create_pin": "Create PIN",
     "admin.new_pin": "New PIN:",
@@ -238,6 +266,8 @@ EN: dict[str, str] = {
     "admin.keys": "API keys",
     "admin.key_name": "Name",
     "admin.key_prefix": "Key",
+    "admin.key_owner": "Owner",
+    "admin.key_org": "Organisation (server command line)",
     "admin.last_used": "Last used",
     "admin.create_key": "Create API key",
     "admin.new_key": "New API key:",
@@ -281,6 +311,7 @@ KO: dict[str, str] = {
     "login.password": "비밀번호",
     "login.submit": "로그인",
     "login.failed": "사용자 이름 또는 비밀번호가 올바르지 않습니다.",
+    "login.busy": "지금 서버가 많은 로그인을 확인하고 있습니다. 잠시 후 다시 시도하세요.",
     "login.too_many": "실패한 시도가 너무 많습니다. {n}초 후에 다시 시도하세요.",
     "login.expired": "양식이 만료되었습니다. 다시 로그인하세요.",
     "login.no_admin": "아직 관리자가 없습니다. 서버에서 다음을 실행하세요:",
@@ -406,6 +437,29 @@ KO: dict[str, str] = {
     "pc.cmd_status": "상태",
     "pc.cmd_result": "결과",
     "pc.no_commands": "아직 명령이 없습니다.",
+    "pc.approved": "승인",
+    "pc.approved_yes": "승인됨: `run`과 계정 명령을 보낼 수 있습니다",
+    "pc.approved_no": (
+        "미승인: PIN만으로 등록되었습니다. 승인하기 전에는 `run`과 계정 명령이 거부됩니다"
+    ),
+    "pc.approve": "이 PC 승인",
+    "pc.approve_confirm": (
+        "{host}을(를) 승인할까요? 승인하면 `run`과 계정 "
+        "명령(비밀번호)을 받습니다. 이 실습실 PC가 맞는지 확인한 경우에만"
+        " 승인하세요."
+    ),
+    "pc.approved_done": "승인했습니다.",
+    "pc.reregister": "재등록",
+    "pc.reregister_none": "현재 토큰이 있을 때만",
+    "pc.reregister_until": "{when}까지 한 번 허용됨",
+    "pc.allow_reregister": "재등록 허용",
+    "pc.allow_reregister_confirm": (
+        "{host}이(가) 앞으로 한 시간 안에 토큰 없이 한 번 다시 "
+        "등록하도록 허용할까요? (재설치했거나 토큰을 잃은 경우) 그 사이 "
+        "PIN으로 등록하는 기기가 이 PC를 대신하며, 다시 승인해야 "
+        "합니다."
+    ),
+    "pc.allow_reregister_done": "{when}까지 재등록을 허용했습니다.",
     "hw.os": "운영체제",
     "hw.cpu": "프로세서",
     "hw.cores": "코어",
@@ -440,6 +494,11 @@ KO: dict[str, str] = {
     "admin.pins_help": "PC는 6자리 PIN으로 한 번 등록합니다. PIN은 한 번만 표시됩니다.",
     "admin.expires_minutes": "유효 시간 (분)",
     "admin.pin_multi": "여러 PC",
+    "admin.pin_approve": "PC 바로 승인",
+    "admin.pin_approve_help": (
+        "이 PIN으로 등록한 PC는 따로 승인하지 않아도 실행 및 계정 명령을 받을 수 있습니다. "
+        "직접 지켜보는 설치에만 사용하세요."
+    ),
     "admin.pin_single": "PC 1대",
     "admin.create_pin": "PIN 만들기",
     "admin.new_pin": "새 PIN:",
@@ -477,6 +536,8 @@ KO: dict[str, str] = {
     "admin.keys": "API 키",
     "admin.key_name": "이름",
     "admin.key_prefix": "키",
+    "admin.key_owner": "소유자",
+    "admin.key_org": "조직 (서버 명령줄)",
     "admin.last_used": "마지막 사용",
     "admin.create_key": "API 키 만들기",
     "admin.new_key": "새 API 키:",

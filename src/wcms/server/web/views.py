@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import logging
 import math
-import time
+import unicodedata
 from collections.abc import Callable
-from functools import wraps
+from functools import partial, wraps
 from typing import Any, TypeVar, cast
+from urllib.parse import unquote, urlsplit
 
 from flask import (
     Blueprint,
@@ -22,7 +23,6 @@ from flask import (
     redirect,
     render_template,
     request,
-    session,
     url_for,
 )
 from flask.typing import ResponseReturnValue
@@ -32,17 +32,21 @@ from wcms.protocol import DisplayStatus, PcState, PowerReason, PresenceMode, dis
 from wcms.server.auth import (
     AdminIdentity,
     check_csrf,
+    check_login_csrf,
     client_address,
     csrf_token,
     current_admin,
     db,
     login_session,
+    logout_session,
+    write_cookies,
 )
 from wcms.server.db import utcnow
 from wcms.server.errors import ApiError
+from wcms.server.hashpool import Busy
 from wcms.server.models import PcInfo, Room
 from wcms.server.runtime import runtime
-from wcms.server.services import accounts, audit
+from wcms.server.services import accounts, audit, ratelimit
 from wcms.server.web import i18n
 
 bp = Blueprint("web", __name__)
@@ -71,6 +75,7 @@ ICONS = {
     DisplayStatus.STOPPED: "■",
 }
 
+BUSY_RETRY = 2  # seconds a login refused for a full hashing queue is asked to wait
 F = TypeVar("F", bound=Callable[..., ResponseReturnValue])
 
 
@@ -80,6 +85,11 @@ def _html_headers(resp: Response) -> Response:
         resp.headers.setdefault("Content-Security-Policy", CSP)
         resp.headers.setdefault("Cache-Control", "no-store")
     return resp
+
+
+@bp.after_app_request
+def _session_cookies(resp: Response) -> Response:
+    return write_cookies(resp)
 
 
 @bp.app_context_processor
@@ -97,11 +107,45 @@ def static_url(filename: str) -> str:
     return url_for("static", filename=filename, v=__version__)
 
 
+NEXT_MAX = 2048  # characters; longer `next` values go home
+
+
 def safe_next(value: str | None) -> str:
-    """A local path to go back to after login; anything else (another site) goes home."""
-    if not value or not value.startswith("/") or value.startswith("//") or "\\" in value:
+    """The one rule for every `next` (login, language switch, pages): a local absolute path on
+    this server, or "/" for anything else. Never raises.
+
+    The value as sent must be printable ASCII (no whitespace, no control characters, no
+    backslash), and it and each percent-decoding of it (and their NFKC forms, so full-width
+    slashes count as slashes) must start with a single "/", hold no "//" and no "." or ".."
+    segment in the path, and parse with an empty scheme and host.
+    """
+    if not value or len(value) > NEXT_MAX or not all("!" <= c <= "~" for c in value):
         return "/"
-    return value
+    form = value
+    for _ in range(4):  # as sent, then decoded up to three times
+        normal = unicodedata.normalize("NFKC", form)
+        if not (_local_path(form) and _local_path(normal)):
+            return "/"
+        decoded = unquote(form)
+        if decoded == form:
+            return value
+        form = decoded
+    return "/"  # still encoded after three decodings: no path this server makes
+
+
+def _local_path(text: str) -> bool:
+    if not text.startswith("/") or "\\" in text:
+        return False
+    if any(c.isspace() or unicodedata.category(c)[0] in "CZ" for c in text):
+        return False
+    path = text.split("?", 1)[0].split("#", 1)[0]
+    if "//" in path or any(seg in (".", "..") for seg in path.split("/")):
+        return False
+    try:
+        parts = urlsplit(text)
+    except ValueError:
+        return False
+    return parts.scheme == "" and parts.netloc == ""
 
 
 def page(fn: F) -> F:
@@ -154,7 +198,7 @@ def overview() -> ResponseReturnValue:
     return _render("overview.html", "overview", "overview.js")
 
 
-@bp.get("/rooms/<int:room_id>")
+@bp.get("/rooms/<id:room_id>")
 @page
 def room(room_id: int) -> ResponseReturnValue:
     row = db().get(Room, room_id)
@@ -170,7 +214,7 @@ def room(room_id: int) -> ResponseReturnValue:
     )
 
 
-@bp.get("/pcs/<int:pc_id>")
+@bp.get("/pcs/<id:pc_id>")
 @page
 def pc(pc_id: int) -> ResponseReturnValue:
     row = db().get(PcInfo, pc_id)
@@ -232,31 +276,42 @@ def login() -> ResponseReturnValue:
 @bp.post("/login")
 def login_post() -> ResponseReturnValue:
     try:
-        check_csrf()
+        check_login_csrf()
     except ApiError:
         return _login_page(i18n.gettext("login.expired"), 400)
     username = request.form.get("username", "").strip()[:64]
     password = request.form.get("password", "")[:1024]
     rt = runtime()
-    # Per name and address: guessing one account is slowed, a colleague's typos are not.
-    key = f"{username.lower()}|{client_address()}"
-    wait = rt.login_limiter.retry_after(key, time.monotonic())
-    if wait > 0:
-        seconds = math.ceil(wait)
+    address = client_address()
+    s = db()
+    # Taken before the password is checked, in one atomic step per limit (per address, per
+    # user name, global), and given back when the login succeeds: only failures count.
+    try:
+        attempt = rt.limits.take_all(ratelimit.login_rules(username, address))
+    except ratelimit.Limited as limited:
+        seconds = math.ceil(limited.retry_after)
         message = i18n.gettext("login.too_many", n=seconds)
         return _login_page(message, 429, **{"Retry-After": str(seconds)})
-    s = db()
-    admin = accounts.authenticate(s, username, password) if username and password else None
+    try:
+        admin = (
+            accounts.authenticate(s, username, password, partial(rt.hashpool.run, address))
+            if username and password
+            else None
+        )
+    except Busy:
+        attempt.give_back()  # nothing was checked: it does not count as a failure
+        message = i18n.gettext("login.busy")
+        return _login_page(message, 429, **{"Retry-After": str(BUSY_RETRY)})
     now = utcnow()
     if admin is None:
-        rt.login_limiter.failed(key, time.monotonic())
         s.rollback()
         # Logged, not audited: anyone can fail a login, and the audit log is for admins' acts.
         log.warning("failed login for %r from %s", username, client_address())
         return _login_page(i18n.gettext("login.failed"), 401)
     admin.last_login_at = now
-    audit.record(s, admin.username, "login", now, None, {}, client_address())
+    audit.record(s, admin.username, "login", now, None, {}, address)
     s.commit()
+    attempt.give_back()  # a success is not a failure; after the commit (one SQLite writer)
     login_session(admin)
     return redirect(safe_next(request.form.get("next")))
 
@@ -267,7 +322,7 @@ def logout() -> ResponseReturnValue:
         check_csrf()
     except ApiError:
         return redirect(url_for("web.overview"))
-    session.clear()
+    logout_session()  # the row is deleted: a copy of the cookie is dead too
     return redirect(url_for("web.login"))
 
 

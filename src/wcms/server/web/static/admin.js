@@ -55,7 +55,7 @@
     const data = await api("GET", "/api/pins");
     const rows = data.pins.map((p) => [
       el("code", { text: p.hint }),
-      t(p.multi_use ? "admin.pin_multi" : "admin.pin_single"),
+      t(p.multi_use ? "admin.pin_multi" : "admin.pin_single") + (p.auto_approve ? " · " + t("admin.pin_approve") : ""),
       String(p.uses),
       W.when(p.expires_at),
       el("span", { class: "pill " + (p.live ? "live" : "dead"), text: t(p.revoked ? "admin.revoked" : p.live ? "admin.live" : "admin.expired") }),
@@ -128,6 +128,9 @@
     const rows = data.apikeys.map((k) => [
       k.name,
       el("code", { text: k.prefix + "…" }),
+      k.owner_id === null
+        ? el("span", { class: "muted", text: t("admin.key_org") })
+        : el("span", { text: k.owner === null ? "#" + k.owner_id : k.owner }),
       W.when(k.last_used_at),
       el("span", { class: "pill " + (k.revoked ? "dead" : "live"), text: t(k.revoked ? "admin.revoked" : "admin.active") }),
       k.revoked
@@ -139,7 +142,7 @@
             }
           }),
     ]);
-    clear($("keys")).append(table(["admin.key_name", "admin.key_prefix", "admin.last_used", "admin.state", ""], rows, "admin.none"));
+    clear($("keys")).append(table(["admin.key_name", "admin.key_prefix", "admin.key_owner", "admin.last_used", "admin.state", ""], rows, "admin.none"));
   }
 
   $("key-form").addEventListener("submit", async (ev) => {

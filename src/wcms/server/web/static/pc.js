@@ -29,13 +29,57 @@
       ["pc.last_seen", W.when(pc.last_seen)],
       ["pc.client_version", pc.client_version || "—"],
       ["pc.registered", W.when(pc.registered_at)],
+      ["pc.approved", t(pc.approved ? "pc.approved_yes" : "pc.approved_no")],
+      ["pc.reregister", pc.reregister_until ? t("pc.reregister_until", { when: W.when(pc.reregister_until) }) : t("pc.reregister_none")],
     ];
     for (const [key, value] of rows) facts.append(el("dt", { text: t(key) }), el("dd", { text: value }));
+    renderTrust();
     if (pc.room_id) {
       const back = $("back-to-room");
       back.href = "/rooms/" + pc.room_id;
       back.textContent = t("pc.back_to_room", { room: pc.room });
       back.hidden = false;
+    }
+  }
+
+  // Approval (secret-carrying commands) and re-registration without the token: admin actions.
+  function renderTrust() {
+    const box = clear($("pc-trust"));
+    if (!pc.approved) {
+      box.append(
+        el("button", {
+          type: "button",
+          id: "pc-approve",
+          text: t("pc.approve"),
+          on: { click: () => trustAction("approve", t("pc.approve_confirm", { host: pc.hostname }), () => t("pc.approved_done")) },
+        }),
+      );
+    }
+    box.append(
+      el("button", {
+        type: "button",
+        id: "pc-allow-reregister",
+        class: "act-danger",
+        text: t("pc.allow_reregister"),
+        on: {
+          click: () =>
+            trustAction("allow-reregister", t("pc.allow_reregister_confirm", { host: pc.hostname }), (answer) =>
+              t("pc.allow_reregister_done", { when: W.when(answer.reregister_until) }),
+            ),
+        },
+      }),
+    );
+  }
+
+  async function trustAction(action, question, done) {
+    if (!window.confirm(question)) return;
+    const box = $("pc-trust");
+    try {
+      const answer = await api("POST", "/api/pcs/" + pcId + "/" + action);
+      await load();
+      box.append(el("p", { class: "muted", role: "status", text: done(answer) }));
+    } catch (err) {
+      box.append(el("p", { class: "warn", role: "alert", text: W.errorText(err) }));
     }
   }
 

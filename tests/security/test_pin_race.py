@@ -1,0 +1,96 @@
+"""Issue 10, High 2: the wrong-PIN limit cannot be raced.
+
+Before, the bucket was checked before the body was read and drained after the PIN was judged:
+200 concurrent slow-body requests from one address all passed a limit of 30. Now a failure's
+worth is taken atomically before the PIN is judged and given back when it was right.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import time
+from typing import Any
+
+import sqlalchemy
+
+from tests.conftest import LiveServer
+from wcms.server.services.ratelimit import PIN_PER_ADDRESS
+
+
+def _request(machine_id: str, pin: str) -> tuple[bytes, bytes]:
+    body = json.dumps({"pin": pin, "machine_id": machine_id, "hostname": "race"}).encode()
+    head = (
+        "POST /api/client/register HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        "Content-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    ).encode()
+    return head + body[:-1], body[-1:]
+
+
+def _status(sock: socket.socket) -> int:
+    data = b""
+    while b"\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    sock.close()
+    return int(data.split(b" ", 2)[1])
+
+
+def test_200_slow_bodies_at_once_get_no_more_tries_than_the_burst(live_server: LiveServer) -> None:
+    server = live_server
+    pending = []
+    for n in range(200):  # every request is sent but for its last byte...
+        sock = socket.create_connection(
+            ("127.0.0.1", server.port), timeout=60, source_address=("127.0.0.5", 0)
+        )
+        start, last = _request(f"TEST-RACE-{n:010d}", "000000")
+        sock.sendall(start)
+        pending.append((sock, last))
+    for sock, last in pending:  # ...then all of them complete at once
+        sock.sendall(last)
+    statuses = [_status(sock) for sock, _ in pending]
+    judged = statuses.count(403)
+    assert statuses.count(429) + judged == 200, sorted(set(statuses))
+    # The burst, plus at most one refill if the run took more than a refill interval.
+    assert PIN_PER_ADDRESS.burst <= judged <= PIN_PER_ADDRESS.burst + 1, judged
+    assert server.pcs() == []
+
+
+def test_a_global_budget_limits_wrong_pins_from_everywhere(make_server: Any) -> None:
+    server = make_server()
+    engine = sqlalchemy.create_engine(server.database.url)
+    with engine.begin() as conn:  # as if a botnet had just spent the budget
+        conn.execute(
+            sqlalchemy.text("INSERT INTO rate_limits (key, tat) VALUES ('pin:global', :tat)"),
+            {"tat": time.time() + 3600},
+        )
+    engine.dispose()
+    body = {"pin": "000000", "machine_id": "TEST-GLOBAL-00000001", "hostname": "x"}
+    status, data = server.api("POST", "/api/client/register", body)
+    assert status == 429 and data["error"]["code"] == "rate_limited"
+    wait = re.search(r"try again in (\d+) s", data["error"]["message"])
+    assert wait and 3000 < int(wait.group(1)) <= 3600, data
+
+
+def test_wrong_used_and_expired_pins_get_one_answer_and_are_logged(make_server: Any) -> None:
+    server = make_server()
+    pin = server.create_pin()
+    first = {"pin": pin, "machine_id": "TEST-PIN-0000000001", "hostname": "x"}
+    assert server.api("POST", "/api/client/register", first)[0] == 201
+    used = server.api(
+        "POST", "/api/client/register", {**first, "machine_id": "TEST-PIN-0000000002"}
+    )
+    wrong = server.api(
+        "POST",
+        "/api/client/register",
+        {**first, "machine_id": "TEST-PIN-0000000003", "pin": "999999"},
+    )
+    if pin == "999999":  # pragma: no cover - one chance in a million
+        return
+    assert used[0] == wrong[0] == 403
+    assert used[1] == wrong[1]  # the same code and message: a guesser learns nothing
+    assert "wrong registration PIN from 127.0.0.1 (machine TEST-PIN-0000000003)" in server.log()
