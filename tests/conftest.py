@@ -263,6 +263,40 @@ def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServ
     db.drop()
 
 
+# ---- in-process: the real app on a real database, no background loop (domain tests)
+
+
+@pytest.fixture
+def app(database: Database) -> Iterator[Any]:
+    from wcms.server import create_app, migrate
+    from wcms.server.db import make_engine
+
+    engine = make_engine(database.url)
+    migrate.upgrade(engine)
+    engine.dispose()
+    app = create_app(
+        {"database_url": database.url, "data_dir": database.data_dir, "background": False}
+    )
+    yield app
+    app.extensions["wcms"].engine.dispose()
+
+
+@pytest.fixture
+def rt(app: Any) -> Any:
+    return app.extensions["wcms"]
+
+
+@pytest.fixture
+def session(rt: Any) -> Iterator[Any]:
+    with rt.sessions() as s:
+        yield s
+
+
+@pytest.fixture
+def client(app: Any) -> Any:
+    return app.test_client()
+
+
 def register_pc(
     server: LiveServer,
     machine_id: str | None = None,

@@ -35,10 +35,9 @@ import pytest
 import sqlalchemy
 from flask import Flask
 
-from tests.conftest import Database, LiveServer, free_port, register_pc
+from tests.conftest import LiveServer, free_port, register_pc
 from wcms.client.main import post_shutdown_signal
 from wcms.protocol import PcState, PowerReason
-from wcms.server import create_app, migrate
 from wcms.server.api import client as client_api
 from wcms.server.db import make_engine, utcnow
 from wcms.server.errors import ApiError
@@ -368,17 +367,11 @@ def test_a_server_killed_during_the_outage_replays_its_journal_at_start(outage: 
 
 
 @pytest.fixture
-def app(database: Database) -> Iterator[Flask]:
-    engine = make_engine(database.url)
-    migrate.upgrade(engine)
-    engine.dispose()
-    app = create_app(
-        {"database_url": database.url, "data_dir": database.data_dir, "background": False}
-    )
+def app(app: Flask) -> Iterator[Flask]:
+    """The shared in-process app; its first engine is disposed too, as a test replaces it."""
     engine = app.extensions["wcms"].engine
     yield app
     engine.dispose()
-    app.extensions["wcms"].engine.dispose()  # the dead one a test put in its place
 
 
 def _database_away(rt: Runtime) -> None:

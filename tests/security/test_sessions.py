@@ -12,18 +12,15 @@ import datetime as dt
 import hashlib
 import re
 import time
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
 import sqlalchemy
 from flask import Flask
 from sqlalchemy import event, func, select
 from sqlalchemy.orm import Session
 
-from tests.conftest import Database, LiveServer
+from tests.conftest import LiveServer
 from tests.security.webclient import WebClient
-from wcms.server import create_app, migrate
 from wcms.server.db import make_engine, make_sessionmaker, utcnow
 from wcms.server.models import Admin, AdminSession
 from wcms.server.services import accounts, retention
@@ -235,24 +232,6 @@ def test_the_login_form_token_is_bound_to_its_browser(live_server: LiveServer) -
 
 
 # ---------------------------------------------------------------- in-process, with `now`
-
-
-@pytest.fixture
-def app(database: Database) -> Iterator[Flask]:
-    engine = make_engine(database.url)
-    migrate.upgrade(engine)
-    engine.dispose()
-    app = create_app(
-        {"database_url": database.url, "data_dir": database.data_dir, "background": False}
-    )
-    yield app
-    app.extensions["wcms"].engine.dispose()
-
-
-@pytest.fixture
-def session(app: Flask) -> Iterator[Session]:
-    with app.extensions["wcms"].sessions() as s:
-        yield s
 
 
 def make_session(s: Session, now: dt.datetime = T0) -> tuple[Admin, accounts.LiveSession]:
