@@ -17,7 +17,6 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from tests.conftest import LiveServer, register_pc
-from tests.server.conftest import app, rt, session  # noqa: F401  (in-process fixtures)
 from tests.server.test_commands import _meet_before, _race
 from wcms.server.db import utcnow
 from wcms.server.errors import ApiError
@@ -200,8 +199,8 @@ def _register_in_thread(runtime: Runtime, machine_id: str, token: str | None) ->
 
 
 def test_two_registrations_racing_with_the_current_token_cannot_both_win(
-    rt: Runtime,  # noqa: F811
-    session: Session,  # noqa: F811
+    rt: Runtime,
+    session: Session,
 ) -> None:
     pc, token = _known(session)
     done = _meet_before(rt, "UPDATE PC_CREDENTIALS", 2)
@@ -213,8 +212,8 @@ def test_two_registrations_racing_with_the_current_token_cannot_both_win(
 
 
 def test_two_registrations_racing_in_one_allowed_window_cannot_both_win(
-    rt: Runtime,  # noqa: F811
-    session: Session,  # noqa: F811
+    rt: Runtime,
+    session: Session,
 ) -> None:
     pc, _token = _known(session)
     pc_service.allow_reregister(pc, utcnow())
@@ -230,9 +229,9 @@ def test_two_registrations_racing_in_one_allowed_window_cannot_both_win(
 
 
 def test_the_allow_and_approve_actions_are_audited_in_process(
-    app: Any,  # noqa: F811
-    rt: Runtime,  # noqa: F811
-    session: Session,  # noqa: F811
+    app: Any,
+    rt: Runtime,
+    session: Session,
 ) -> None:
     from wcms.server.services import accounts
 

@@ -26,7 +26,6 @@ from flask import Flask
 from sqlalchemy import select, text, update
 
 from tests.conftest import LiveServer, register_pc
-from tests.server.conftest import app, rt  # noqa: F401  (the in-process app and its runtime)
 from wcms.server.db import utcnow
 from wcms.server.models import Command, PcCredential
 from wcms.server.runtime import Runtime
@@ -107,7 +106,7 @@ class InProcess:
 
 
 @pytest.fixture
-def inproc(app: Flask, rt: Runtime) -> InProcess:  # noqa: F811
+def inproc(app: Flask, rt: Runtime) -> InProcess:
     return InProcess(app, rt)
 
 
@@ -145,7 +144,7 @@ def test_deleting_the_pc_ends_its_poll(inproc: InProcess) -> None:
 
 def test_a_revocation_made_in_the_database_is_honoured_by_a_waiting_poll(
     inproc: InProcess,
-    rt: Runtime,  # noqa: F811
+    rt: Runtime,
 ) -> None:
     # Another process (or a person with psql) revokes the token: this process's cache still
     # holds it, nothing rings the poll for it, and the command is handed over from memory.
@@ -172,7 +171,7 @@ def test_a_revocation_made_in_the_database_is_honoured_by_a_waiting_poll(
 
 def test_a_revocation_made_in_the_database_is_honoured_by_the_next_poll(
     inproc: InProcess,
-    rt: Runtime,  # noqa: F811
+    rt: Runtime,
 ) -> None:
     # The same, with the command already queued when the poll comes: the database way.
     pc = inproc.register()
@@ -191,7 +190,7 @@ def test_a_revocation_made_in_the_database_is_honoured_by_the_next_poll(
 
 def test_a_poll_that_was_let_in_just_before_the_revocation_still_ends(
     inproc: InProcess,
-    rt: Runtime,  # noqa: F811
+    rt: Runtime,
 ) -> None:
     # Revoked after the poll was authenticated but before it listened on the doorbell: the
     # revocation's wake-up came too early for it, so it must notice by itself.
