@@ -308,7 +308,7 @@ def _apikey_create(args: argparse.Namespace) -> int:
 
 
 def _pcs(args: argparse.Namespace) -> int:
-    from wcms.server.services.views import list_pcs
+    from wcms.server.services.read_models import list_pcs
 
     with _session() as s:
         pcs = list_pcs(s)

@@ -17,7 +17,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from tests.conftest import LiveServer, register_pc
-from tests.server.test_commands import _meet_before, _race
+from tests.server.test_command_queue import _meet_before, _race
 from wcms.server.db import utcnow
 from wcms.server.errors import ApiError
 from wcms.server.models import AuditLog, PcInfo

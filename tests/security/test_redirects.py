@@ -15,7 +15,7 @@ import pytest
 
 from tests.conftest import LiveServer
 from tests.security.webclient import WebClient
-from wcms.server.web.views import NEXT_MAX, safe_next
+from wcms.server.web.pages import NEXT_MAX, safe_next
 
 PASSWORD = "a long test password"
 

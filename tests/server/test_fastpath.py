@@ -15,11 +15,11 @@ from sqlalchemy.dialects import sqlite
 from sqlalchemy.orm import Session
 
 from tests.conftest import LiveServer, register_pc
-from tests.server.test_commands import SECRET, T0, add_pc, send
+from tests.server.test_command_queue import SECRET, T0, add_pc, send
 from wcms.protocol import CommandStatus, CommandType
 from wcms.server.db import UTCDateTime, sqlite_utc_text
 from wcms.server.models import Command
-from wcms.server.services import outbox, views
+from wcms.server.services import outbox, read_models
 
 # ---------------------------------------------------------------------------- the fast path
 
@@ -220,8 +220,8 @@ def test_raw_sqlite_datetimes_are_the_text_sqlalchemy_stores(value: dt.datetime)
     assert sqlite_utc_text(value) == processor(value)
     # And the dashboard's reading of that text is iso() of the same instant.
     utc = value.astimezone(dt.UTC)
-    assert views._iso_stored(sqlite_utc_text(value)) == views.iso(utc)
-    assert views._iso_stored(utc.replace(tzinfo=None)) == views.iso(utc)
+    assert read_models._iso_stored(sqlite_utc_text(value)) == read_models.iso(utc)
+    assert read_models._iso_stored(utc.replace(tzinfo=None)) == read_models.iso(utc)
 
 
 def test_a_naive_datetime_is_refused() -> None:

@@ -24,7 +24,7 @@ from typing import Any
 from wcms.client import CLIENT_VERSION, http
 from wcms.client import platform as platforms
 from wcms.client.collector import Collector, hostname
-from wcms.client.commands import CommandChannel
+from wcms.client.command_channel import CommandChannel
 from wcms.client.config import SHUTDOWN_TIMEOUT, ClientConfig, ConfigError, load_config
 from wcms.client.identity import (
     IdentityError,

@@ -118,19 +118,19 @@ class _NoFlaskSessions(SessionInterface):
 
 
 def _register_blueprints(app: Flask) -> None:
-    from wcms.server.api import admin, client, commands, meta
+    from wcms.server.api import client, commands, management, meta
     from wcms.server.api.install import register_install
 
     app.register_blueprint(meta.bp)
     app.register_blueprint(client.bp)
-    app.register_blueprint(admin.bp)
-    from wcms.server.api import admins, events, rooms
-    from wcms.server.web import views as web_views
+    app.register_blueprint(management.bp)
+    from wcms.server.api import accounts, events, rooms
+    from wcms.server.web import pages
 
     app.register_blueprint(rooms.bp)
-    app.register_blueprint(admins.bp)
+    app.register_blueprint(accounts.bp)
     app.register_blueprint(events.bp)
-    app.register_blueprint(web_views.bp)
+    app.register_blueprint(pages.bp)
     app.register_blueprint(commands.client_bp)
     app.register_blueprint(commands.bp)
     register_install(app)

@@ -19,7 +19,7 @@ from wcms.server.db import utcnow
 from wcms.server.errors import db_unavailable
 from wcms.server.hashpool import HashPool
 from wcms.server.models import Setting
-from wcms.server.services import commands, pc_service, retention
+from wcms.server.services import command_queue, pc_service, retention
 from wcms.server.services.doorbell import Doorbell
 from wcms.server.services.heartbeats import HeartbeatBuffer
 from wcms.server.services.live import Bus
@@ -228,7 +228,7 @@ class Runtime:
     def expire_commands(self, now: dt.datetime) -> None:
         """Expire commands nobody fetched in time; fail running ones that never reported."""
         with self.sessions() as s:
-            for change in commands.expire_overdue(s, now):
+            for change in command_queue.expire_overdue(s, now):
                 self.bus.publish(change.as_message())
 
 

@@ -28,12 +28,12 @@ from wcms.server.schemas import HeartbeatRequest, MachineId, Strict, parse, pars
 from wcms.server.services import (
     accounts,
     command_args,
-    command_views,
-    commands,
+    command_queue,
+    command_read_models,
     outbox,
     pc_service,
 )
-from wcms.server.services.commands import Change
+from wcms.server.services.command_queue import Change
 
 client_bp = Blueprint("client_commands", __name__, url_prefix=CLIENT_PREFIX)
 bp = Blueprint("admin_commands", __name__, url_prefix="/api")
@@ -144,7 +144,7 @@ def _wait(
         if digest is not None and digest not in rt.tokens:
             # Revoked here (forget_tokens) after this poll was let in, before it listened: the
             # revocation's ring came too early for it, so it asks the database itself.
-            commands.may_receive_secrets(db(), who.pc_id, digest)
+            command_queue.may_receive_secrets(db(), who.pc_id, digest)
         # Most polls find nothing: a PC known to have nothing open skips the database.
         idle = rt.doorbell.is_idle(who.pc_id)
         found = [] if idle else _deliver(rt, db, who.pc_id, query, digest)
@@ -155,7 +155,7 @@ def _wait(
             bell.clear()
             if bell.revoked:  # a token of this PC was revoked: was it this poll's?
                 bell.revoked = False
-                commands.may_receive_secrets(db(), who.pc_id, digest)
+                command_queue.may_receive_secrets(db(), who.pc_id, digest)
             found = _deliver(rt, db, who.pc_id, query, digest)
     return found
 
@@ -187,7 +187,7 @@ def _deliver(
     now = utcnow()
 
     def vouch() -> bool:  # right before a secret goes out from memory: ask the database
-        return commands.may_receive_secrets(db(), pc_id, digest)
+        return command_queue.may_receive_secrets(db(), pc_id, digest)
 
     staged, handed, left = rt.outbox.take(pc_id, now, query.boot_time, vouch)
     _publish(rt, handed)
@@ -197,12 +197,12 @@ def _deliver(
     rings_before = rt.doorbell.rings(pc_id)
     s = db()
     rt.outbox.flush(s)  # marks first, so nothing staged is handed over twice
-    wire, changes = commands.deliver(
+    wire, changes = command_queue.deliver(
         s,
         pc_id,
         now,
         server_secret=rt.secret_key,
-        ack_timeout=float(rt.settings.extra.get("command_ack_timeout", commands.ACK_TIMEOUT)),
+        ack_timeout=float(rt.settings.extra.get("command_ack_timeout", command_queue.ACK_TIMEOUT)),
         boot_time=query.boot_time,
         token_digest=digest,
     )
@@ -210,7 +210,7 @@ def _deliver(
     wire = staged + wire
     if wire:
         rt.doorbell.mark_busy(pc_id)
-    elif not commands.has_open(s, pc_id):
+    elif not command_queue.has_open(s, pc_id):
         rt.doorbell.mark_idle(pc_id, rings_before)
     return wire
 
@@ -226,7 +226,7 @@ def _deliver(
 def ack(command_id: int) -> ResponseReturnValue:
     req = parse_body(AckRequest)
     who = current_pc(req.machine_id)
-    status, changes = commands.acknowledge(db(), who.pc_id, command_id, utcnow())
+    status, changes = command_queue.acknowledge(db(), who.pc_id, command_id, utcnow())
     _publish(runtime(), changes)
     return _answer({"id": command_id, "status": status})
 
@@ -243,10 +243,10 @@ def result(command_id: int) -> ResponseReturnValue:
     req = parse_body(ResultRequest)
     who = current_pc(req.machine_id)
     rt = runtime()
-    report = commands.Report(
+    report = command_queue.Report(
         CommandStatus(req.status), req.exit_code, req.stdout, req.stderr, req.error
     )
-    cmd, changes = commands.record_result(
+    cmd, changes = command_queue.record_result(
         db(), who.pc_id, command_id, report, utcnow(), server_secret=rt.secret_key
     )
     _publish(rt, changes)
@@ -267,9 +267,9 @@ Id = Annotated[int, Field(ge=1, le=2**31 - 1)]  # schemas.DB_INT_MAX: rooms and 
 class TargetBody(Strict):
     """Exactly one of pc_ids, room_id, all_online."""
 
-    pc_ids: Annotated[list[Id], Field(min_length=1, max_length=commands.MAX_TARGET_PCS)] | None = (
-        None
-    )
+    pc_ids: (
+        Annotated[list[Id], Field(min_length=1, max_length=command_queue.MAX_TARGET_PCS)] | None
+    ) = None
     room_id: Id | None = None
     all_online: Literal[True] | None = None
 
@@ -315,13 +315,13 @@ def send() -> ResponseReturnValue:
     req = parse_body(SendCommand)
     who = current_admin()
     rt, s = runtime(), db()
-    target = commands.Target(
+    target = command_queue.Target(
         pc_ids=tuple(req.target.pc_ids or ()),
         room_id=req.target.room_id,
         all_online=bool(req.target.all_online),
     )
     expires_in = None if req.expires_in is None else dt.timedelta(seconds=req.expires_in)
-    batch, pc_ids = commands.queue(
+    batch, pc_ids = command_queue.queue(
         s,
         actor=who.name,
         kind=req.type,
@@ -340,7 +340,7 @@ def send() -> ResponseReturnValue:
     rt.bus.publish(
         {"type": "batch", "batch_id": batch.id, "command": batch.type, "total": batch.pc_count}
     )
-    return jsonify(command_views.batch_detail(s, batch)), 201
+    return jsonify(command_read_models.batch_detail(s, batch)), 201
 
 
 @bp.get("/batches")
@@ -352,13 +352,13 @@ def send() -> ResponseReturnValue:
 )
 def list_batches() -> ResponseReturnValue:
     limit = query_int("limit", 50, 1, 500)
-    return jsonify({"batches": command_views.recent_batches(db(), limit)})
+    return jsonify({"batches": command_read_models.recent_batches(db(), limit)})
 
 
 @bp.get("/batches/<id:batch_id>")
 @documented("One batch with per-PC status and output", auth="admin", tag="commands")
 def get_batch(batch_id: int) -> ResponseReturnValue:
-    return jsonify(command_views.batch_detail(db(), _batch(batch_id)))
+    return jsonify(command_read_models.batch_detail(db(), _batch(batch_id)))
 
 
 @bp.post("/batches/<id:batch_id>/cancel")
@@ -371,11 +371,11 @@ def cancel_batch(batch_id: int) -> ResponseReturnValue:
     batch = _batch(batch_id)
     s, rt = db(), runtime()
     rt.outbox.discard(batch_id=batch.id)  # first: nothing staged goes out after the cancel
-    changes = commands.cancel(
+    changes = command_queue.cancel(
         s, actor=current_admin().name, now=utcnow(), batch_id=batch.id, ip=client_address()
     )
     _publish(rt, changes)
-    return jsonify(command_views.batch_detail(s, batch))
+    return jsonify(command_read_models.batch_detail(s, batch))
 
 
 @bp.post("/commands/<bigid:command_id>/cancel")
@@ -386,13 +386,13 @@ def cancel_command(command_id: int) -> ResponseReturnValue:
     s, rt = db(), runtime()
     cmd = found(s.get(Command, command_id), f"no command with id {command_id}")
     rt.outbox.discard(command_ids={command_id})
-    changes = commands.cancel(
+    changes = command_queue.cancel(
         s, actor=current_admin().name, now=utcnow(), command_id=command_id, ip=client_address()
     )
     _publish(rt, changes)
     s.refresh(cmd)
     pc = s.get(PcInfo, cmd.pc_id)
-    return jsonify(command_views.command_view(cmd, pc.hostname if pc else None))
+    return jsonify(command_read_models.command_view(cmd, pc.hostname if pc else None))
 
 
 @bp.get("/pcs/<id:pc_id>/commands")
@@ -405,4 +405,4 @@ def cancel_command(command_id: int) -> ResponseReturnValue:
 def pc_commands(pc_id: int) -> ResponseReturnValue:
     limit = query_int("limit", 50, 1, 500)
     pc = found(db().get(PcInfo, pc_id), f"no PC with id {pc_id}")
-    return jsonify({"commands": command_views.pc_history(db(), pc, limit)})
+    return jsonify({"commands": command_read_models.pc_history(db(), pc, limit)})

@@ -28,7 +28,7 @@ from wcms.server.openapi import documented
 from wcms.server.runtime import Runtime, runtime
 from wcms.server.schemas import strip_bidi_json
 from wcms.server.services import accounts
-from wcms.server.services.views import iso
+from wcms.server.services.read_models import iso
 
 bp = Blueprint("events_api", __name__, url_prefix="/api")
 

@@ -17,8 +17,8 @@ from wcms.server.models import PcInfo
 from wcms.server.openapi import documented
 from wcms.server.runtime import runtime
 from wcms.server.schemas import DbId, Strict, parse_body
+from wcms.server.services import read_models
 from wcms.server.services import rooms as layout
-from wcms.server.services import views
 
 bp = Blueprint("rooms_api", __name__, url_prefix="/api")
 
@@ -108,7 +108,9 @@ def get_room(room_id: int) -> ResponseReturnValue:
     s = db()
     room = layout.get_room(s, room_id)
     counts = layout.status_counts(s).get(room.id)
-    return jsonify({"room": layout.room_view(room, counts), "pcs": views.list_pcs(s, room.id)})
+    return jsonify(
+        {"room": layout.room_view(room, counts), "pcs": read_models.list_pcs(s, room.id)}
+    )
 
 
 @bp.patch("/rooms/<id:room_id>")

@@ -5,7 +5,7 @@ poll a SELECT, an UPDATE and a commit, one after another in the worker; instead 
 request stages each PC's command (the same wire form deliver() builds, read in one query), the
 woken poll takes it from here, and the writer marks them all `delivered` in one executemany.
 
-Nothing weakens the lifecycle (services/commands.py):
+Nothing weakens the lifecycle (services/command_queue.py):
 
 - The acknowledgement stays the commit point. acknowledge() accepts a command still `queued`
   in the database (its mark not written yet) exactly like a `delivered` one, and a command
@@ -22,7 +22,7 @@ Nothing weakens the lifecycle (services/commands.py):
   `vouch` of take()): a token revoked by anyone gets 401 and nothing; an unapproved PC's
   guarded command is left to the database path, which fails it with the reason.
 - An ack or a result that arrives before the mark is written sets attempts and delivered_at
-  itself (services/commands.py), so the late mark, which moves only queued commands, is not
+  itself (services/command_queue.py), so the late mark, which moves only queued commands, is not
   needed for them.
 """
 
@@ -42,7 +42,7 @@ from wcms.protocol import CommandStatus
 from wcms.server.db import BatchStatement, table
 from wcms.server.models import Command
 from wcms.server.services import secretbox
-from wcms.server.services.commands import Change, guarded, refusal, wire_form
+from wcms.server.services.command_queue import Change, guarded, refusal, wire_form
 
 STAGE_TTL = 30.0  # seconds a staged command may wait in memory for its PC's poll
 

@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 from wcms.protocol import DisplayStatus, ErrorCode, display_status
 from wcms.server.errors import ApiError
 from wcms.server.models import PcInfo, Room
-from wcms.server.services.views import iso, summaries
+from wcms.server.services.read_models import iso, summaries
 
 
 @dataclass(frozen=True)
@@ -80,7 +80,7 @@ def list_rooms(session: Session, include_retired: bool = False) -> list[dict[str
 
 
 def unassigned_pcs(session: Session) -> list[dict[str, Any]]:
-    """PCs in no room, in the same shape as views.list_pcs."""
+    """PCs in no room, in the same shape as read_models.list_pcs."""
     return summaries(session, PcInfo.room_id.is_(None))
 
 

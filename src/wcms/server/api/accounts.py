@@ -20,7 +20,7 @@ from wcms.server.errors import ApiError, found
 from wcms.server.models import Admin
 from wcms.server.openapi import documented
 from wcms.server.schemas import Strict, parse_body
-from wcms.server.services import accounts, views
+from wcms.server.services import accounts, read_models
 
 bp = Blueprint("admins_api", __name__, url_prefix="/api")
 
@@ -37,8 +37,8 @@ def _view(a: Admin) -> dict[str, Any]:
         "id": a.id,
         "username": a.username,
         "active": a.is_active,
-        "created_at": views.iso(a.created_at),
-        "last_login_at": views.iso(a.last_login_at),
+        "created_at": read_models.iso(a.created_at),
+        "last_login_at": read_models.iso(a.last_login_at),
     }
 
 

@@ -11,9 +11,9 @@ from typing import Any
 
 import pytest
 
-from wcms.client import actions, commands
+from wcms.client import actions, command_channel
 from wcms.client.actions import Outcome, Step
-from wcms.client.commands import Command, Journal
+from wcms.client.command_channel import Command, Journal
 from wcms.client.config import ConfigError
 from wcms.client.platform import linux_actions, windows_actions
 from wcms.protocol import MAX_BODY_BYTES, MAX_OUTPUT_CHARS, CommandType
@@ -31,7 +31,7 @@ def cmd(kind: CommandType, age: float = 1.0, **kw: Any) -> Command:
 
 
 def test_poll_answers_are_parsed_and_bad_commands_named() -> None:
-    good, bad = commands.parse_commands(
+    good, bad = command_channel.parse_commands(
         [
             {"id": 1, "type": "lock", "args": {}, "age": 0.5, "attempt": 2},
             {"id": 2, "type": "format_disk", "args": {}},
@@ -42,7 +42,7 @@ def test_poll_answers_are_parsed_and_bad_commands_named() -> None:
     )
     assert [(c.id, c.type, c.age, c.attempt) for c in good] == [(1, "lock", 0.5, 2)]
     assert [i for i, _ in bad] == [2, 3]
-    assert commands.parse_commands(None) == ([], [])
+    assert command_channel.parse_commands(None) == ([], [])
 
 
 @pytest.mark.parametrize(
@@ -60,31 +60,35 @@ def test_poll_answers_are_parsed_and_bad_commands_named() -> None:
 def test_arguments_are_checked_again_on_the_client(
     kind: CommandType, args: dict[str, Any], problem: str | None
 ) -> None:
-    found = commands.check_args(kind, args)
+    found = command_channel.check_args(kind, args)
     assert (found is None) if problem is None else (problem in (found or ""))
 
 
 def test_a_power_command_from_before_this_boot_is_stale() -> None:
-    assert commands.stale_reason(cmd(CommandType.SHUTDOWN, age=3600), uptime_seconds=60)
-    assert commands.stale_reason(cmd(CommandType.SHUTDOWN, age=30), uptime_seconds=60) is None
+    assert command_channel.stale_reason(cmd(CommandType.SHUTDOWN, age=3600), uptime_seconds=60)
+    assert (
+        command_channel.stale_reason(cmd(CommandType.SHUTDOWN, age=30), uptime_seconds=60) is None
+    )
     asked = cmd(CommandType.RESTART, age=3600, run_when_online=True)
-    assert commands.stale_reason(asked, uptime_seconds=60) is None
-    assert commands.stale_reason(cmd(CommandType.INSTALL, age=3600), uptime_seconds=60) is None
+    assert command_channel.stale_reason(asked, uptime_seconds=60) is None
+    assert (
+        command_channel.stale_reason(cmd(CommandType.INSTALL, age=3600), uptime_seconds=60) is None
+    )
 
 
 def test_results_hide_secrets_and_fit_in_one_request() -> None:
     pw = "hunter2-secret"
     out = Outcome("failed", 1, f"set {pw}\n", "x" * (MAX_OUTPUT_CHARS * 3), f"bad {pw}")
-    fields = commands.result_fields(out, [pw])
+    fields = command_channel.result_fields(out, [pw])
     assert pw not in json.dumps(fields)
     assert fields["stdout"] == "set ***\n" and fields["error"] == "bad ***"
     assert len(fields["stderr"]) <= MAX_OUTPUT_CHARS and "more characters cut" in fields["stderr"]
     wide = Outcome("succeeded", 0, "한" * MAX_OUTPUT_CHARS, "글" * MAX_OUTPUT_CHARS)
-    assert len(json.dumps(commands.result_fields(wide)).encode()) < MAX_BODY_BYTES
+    assert len(json.dumps(command_channel.result_fields(wide)).encode()) < MAX_BODY_BYTES
 
 
 def test_the_journal_survives_a_restart_and_forgets_old_reports(tmp_path: Path) -> None:
-    path = tmp_path / "commands.json"
+    path = tmp_path / "command_channel.json"
     now = [1000.0]
     journal = Journal(path, FakePlatform(), clock=lambda: now[0])
     journal.begin(7, "run")
@@ -96,7 +100,7 @@ def test_the_journal_survives_a_restart_and_forgets_old_reports(tmp_path: Path) 
     again.reported(7)
     assert again.unreported() == [] and again.result(7)["stdout"] == "ok"  # type: ignore[index]
     assert path.stat().st_mode & 0o777 == 0o600
-    now[0] += commands.JOURNAL_KEEP_SECONDS + 1
+    now[0] += command_channel.JOURNAL_KEEP_SECONDS + 1
     again.begin(9, "lock")
     assert again.get(7) is None and again.get(8) is not None
 

@@ -18,7 +18,7 @@ from wcms.server.models import Admin, ApiKey, AuditLog, PcInfo, RegistrationPin,
 from wcms.server.openapi import documented
 from wcms.server.runtime import runtime
 from wcms.server.schemas import Strict, parse_body, query_int
-from wcms.server.services import accounts, pc_service, views
+from wcms.server.services import accounts, pc_service, read_models
 
 bp = Blueprint("admin_api", __name__, url_prefix="/api")
 
@@ -47,7 +47,7 @@ def me() -> ResponseReturnValue:
 )
 def list_pcs() -> ResponseReturnValue:
     room_id = query_int("room_id", 0, 0, 2**31) or None
-    pcs = views.list_pcs(db(), room_id)
+    pcs = read_models.list_pcs(db(), room_id)
     return jsonify({"pcs": pcs, "count": len(pcs)})
 
 
@@ -61,7 +61,7 @@ def list_pcs() -> ResponseReturnValue:
 def get_pc(pc_id: int) -> ResponseReturnValue:
     days = query_int("days", 7, 1, 90)
     return jsonify(
-        views.pc_detail(
+        read_models.pc_detail(
             db(), found(db().get(PcInfo, pc_id), f"no PC with id {pc_id}"), utcnow(), days
         )
     )
@@ -119,10 +119,10 @@ def allow_reregister(pc_id: int) -> ResponseReturnValue:
         pc.hostname,
         pc_id=pc.id,
         machine_id=pc.machine_id,
-        until=views.iso(until),
+        until=read_models.iso(until),
     )
     s.commit()
-    return jsonify({"id": pc.id, "reregister_until": views.iso(until)})
+    return jsonify({"id": pc.id, "reregister_until": read_models.iso(until)})
 
 
 # ---------------------------------------------------------------- registration PINs
@@ -145,7 +145,7 @@ class PinCreate(Strict):
 def list_pins() -> ResponseReturnValue:
     now = utcnow()
     rows = db().execute(select(RegistrationPin).order_by(RegistrationPin.id.desc()).limit(200))
-    return jsonify({"pins": [views.pin_view(p, now) for p in rows.scalars()]})
+    return jsonify({"pins": [read_models.pin_view(p, now) for p in rows.scalars()]})
 
 
 @bp.post("/pins")
@@ -177,7 +177,7 @@ def create_pin() -> ResponseReturnValue:
         auto_approve=req.auto_approve,
     )
     s.commit()
-    return jsonify({**views.pin_view(row, now), "pin": pin}), 201
+    return jsonify({**read_models.pin_view(row, now), "pin": pin}), 201
 
 
 @bp.delete("/pins/<id:pin_id>")
@@ -189,7 +189,7 @@ def revoke_pin(pin_id: int) -> ResponseReturnValue:
         row.revoked_at = now
         audit_action("pin.revoke", f"****{row.hint}")
     s.commit()
-    return jsonify(views.pin_view(row, now))
+    return jsonify(read_models.pin_view(row, now))
 
 
 # ---------------------------------------------------------------- API keys
@@ -204,8 +204,8 @@ def _key_view(k: ApiKey, owner: str | None) -> dict[str, object]:
         "id": k.id,
         "name": k.name,
         "prefix": k.prefix,
-        "created_at": views.iso(k.created_at),
-        "last_used_at": views.iso(k.last_used_at),
+        "created_at": read_models.iso(k.created_at),
+        "last_used_at": read_models.iso(k.last_used_at),
         "revoked": k.revoked_at is not None,
         "owner_id": k.owner_id,  # null: the organisation's key (made with `wcms apikey create`)
         "owner": owner,
@@ -309,7 +309,7 @@ def audit_log() -> ResponseReturnValue:
             "entries": [
                 {
                     "id": r.id,
-                    "at": views.iso(r.at),
+                    "at": read_models.iso(r.at),
                     "actor": r.actor,
                     "action": r.action,
                     "target": r.target,

@@ -15,8 +15,8 @@ from wcms.server.errors import ApiError
 from wcms.server.models import AuditLog, Command, CommandBatch, PcInfo
 from wcms.server.runtime import Runtime
 from wcms.server.schemas import RegisterRequest
-from wcms.server.services import commands, pc_service, secretbox
-from wcms.server.services.commands import Report, Target
+from wcms.server.services import command_queue, pc_service, secretbox
+from wcms.server.services.command_queue import Report, Target
 
 T0 = dt.datetime(2026, 11, 26, 17, 0, tzinfo=dt.UTC)
 SECRET = "server-secret-for-tests"
@@ -35,7 +35,7 @@ def add_pc(session: Session, name: str) -> PcInfo:
 def send(
     session: Session, pcs: list[PcInfo], kind: CommandType, args: dict[str, Any], **kw: Any
 ) -> CommandBatch:
-    batch, _ids = commands.queue(
+    batch, _ids = command_queue.queue(
         session,
         actor="alice",
         kind=kind,
@@ -49,7 +49,7 @@ def send(
 
 
 def deliver(session: Session, pc: PcInfo, at: dt.datetime, **kw: Any) -> list[dict[str, Any]]:
-    wire, _changes = commands.deliver(session, pc.id, at, server_secret=SECRET, **kw)
+    wire, _changes = command_queue.deliver(session, pc.id, at, server_secret=SECRET, **kw)
     return wire
 
 
@@ -86,7 +86,7 @@ def test_room_and_every_online_pc_targets(session: Session, rt: Runtime) -> None
     a.room_id = b.room_id = room.id
     session.commit()
     pc_service.set_offline_immediately(session, c.machine_id, "shutdown", T0)
-    batch, ids = commands.queue(
+    batch, ids = command_queue.queue(
         session,
         actor="alice",
         kind=CommandType.LOCK,
@@ -96,7 +96,7 @@ def test_room_and_every_online_pc_targets(session: Session, rt: Runtime) -> None
         server_secret=SECRET,
     )
     assert sorted(ids) == sorted([a.id, b.id]) and batch.target == "room B101 (2 PCs)"
-    _batch, ids = commands.queue(
+    _batch, ids = command_queue.queue(
         session,
         actor="alice",
         kind=CommandType.LOCK,
@@ -115,9 +115,9 @@ def test_lifecycle_queued_delivered_running_succeeded(session: Session) -> None:
     assert wire["type"] == "run" and wire["args"] == {"command": "echo hi", "timeout": 30}
     assert wire["attempt"] == 1 and wire["age"] == 1.0
     assert status_of(session, wire["id"]) == "delivered"
-    status, _ = commands.acknowledge(session, pc.id, wire["id"], later(2))
+    status, _ = command_queue.acknowledge(session, pc.id, wire["id"], later(2))
     assert status == "running"
-    cmd, changes = commands.record_result(
+    cmd, changes = command_queue.record_result(
         session,
         pc.id,
         wire["id"],
@@ -138,14 +138,14 @@ def test_unacknowledged_command_is_delivered_again_after_the_ack_timeout(session
     assert deliver(session, pc, later(5)) == []  # still waiting for its ack
     [again] = deliver(session, pc, later(12))
     assert again["id"] == first["id"] and again["attempt"] == 2
-    commands.acknowledge(session, pc.id, first["id"], later(13))
+    command_queue.acknowledge(session, pc.id, first["id"], later(13))
     assert deliver(session, pc, later(40)) == []  # running: never delivered again
 
 
 def test_a_command_never_acknowledged_fails_after_max_attempts(session: Session) -> None:
     pc = add_pc(session, "lab")
     send(session, [pc], CommandType.MESSAGE, {"text": "x"})
-    for i in range(commands.MAX_ATTEMPTS):
+    for i in range(command_queue.MAX_ATTEMPTS):
         assert len(deliver(session, pc, later(1 + 11 * i))) == 1
     assert deliver(session, pc, later(200)) == []
     cmd = session.execute(select(Command)).scalar_one()
@@ -156,8 +156,8 @@ def test_a_failure_is_a_failure_and_a_duplicate_result_changes_nothing(session: 
     pc = add_pc(session, "lab")
     send(session, [pc], CommandType.RUN, {"command": "exit 3"})
     [wire] = deliver(session, pc, later(1))
-    commands.acknowledge(session, pc.id, wire["id"], later(1))
-    cmd, _ = commands.record_result(
+    command_queue.acknowledge(session, pc.id, wire["id"], later(1))
+    cmd, _ = command_queue.record_result(
         session,
         pc.id,
         wire["id"],
@@ -166,7 +166,7 @@ def test_a_failure_is_a_failure_and_a_duplicate_result_changes_nothing(session: 
         server_secret=SECRET,
     )
     assert cmd.status == "failed" and cmd.exit_code == 3
-    cmd, changes = commands.record_result(
+    cmd, changes = command_queue.record_result(
         session,
         pc.id,
         wire["id"],
@@ -182,10 +182,10 @@ def test_another_pcs_command_is_not_found(session: Session) -> None:
     send(session, [a], CommandType.LOCK, {})
     [wire] = deliver(session, a, later(1))
     with pytest.raises(ApiError) as err:
-        commands.acknowledge(session, b.id, wire["id"], later(2))
+        command_queue.acknowledge(session, b.id, wire["id"], later(2))
     assert err.value.status == 404
     with pytest.raises(ApiError):
-        commands.record_result(
+        command_queue.record_result(
             session,
             b.id,
             wire["id"],
@@ -201,9 +201,9 @@ def test_power_commands_expire_in_minutes_and_are_never_run_late(session: Sessio
     pc_service.set_offline_immediately(session, pc.machine_id, "shutdown", T0)
     batch = send(session, [pc], CommandType.SHUTDOWN, {"delay": 0})
     assert batch.expires_at == T0 + dt.timedelta(minutes=5)
-    changes = commands.expire_overdue(session, later(4 * 60))
+    changes = command_queue.expire_overdue(session, later(4 * 60))
     assert changes == []
-    changes = commands.expire_overdue(session, later(5 * 60 + 1))
+    changes = command_queue.expire_overdue(session, later(5 * 60 + 1))
     assert [c.status for c in changes] == ["expired"]
     # The PC boots hours later: nothing to run.
     assert deliver(session, pc, later(3 * 3600)) == []
@@ -244,11 +244,11 @@ def test_cancel_stops_what_has_not_started(session: Session) -> None:
     a, b, c = add_pc(session, "a"), add_pc(session, "b"), add_pc(session, "c")
     batch = send(session, [a, b, c], CommandType.RUN, {"command": "sleep 60"})
     [wa] = deliver(session, a, later(1))
-    commands.acknowledge(session, a.id, wa["id"], later(1))  # a is running
+    command_queue.acknowledge(session, a.id, wa["id"], later(1))  # a is running
     [wb] = deliver(session, b, later(1))  # b has it, not acknowledged
-    changes = commands.cancel(session, actor="bob", now=later(2), batch_id=batch.id)
+    changes = command_queue.cancel(session, actor="bob", now=later(2), batch_id=batch.id)
     assert sorted(ch.pc_id for ch in changes) == sorted([b.id, c.id])
-    status, _ = commands.acknowledge(session, b.id, wb["id"], later(3))
+    status, _ = command_queue.acknowledge(session, b.id, wb["id"], later(3))
     assert status == "cancelled"  # b must not run it
     assert deliver(session, c, later(3)) == []
     assert status_of(session, wa["id"]) == "running"
@@ -262,12 +262,12 @@ def test_running_command_without_a_result_fails_eventually(session: Session) -> 
     pc = add_pc(session, "lab")
     send(session, [pc], CommandType.RUN, {"command": "sleep 1", "timeout": 60})
     [wire] = deliver(session, pc, later(1))
-    commands.acknowledge(session, pc.id, wire["id"], later(1))
-    assert commands.expire_overdue(session, later(60 + 10 * 60)) == []
-    [change] = commands.expire_overdue(session, later(60 + 16 * 60 + 1))
+    command_queue.acknowledge(session, pc.id, wire["id"], later(1))
+    assert command_queue.expire_overdue(session, later(60 + 10 * 60)) == []
+    [change] = command_queue.expire_overdue(session, later(60 + 16 * 60 + 1))
     assert change.status == "failed"
     # A result that arrives after all still counts.
-    cmd, _ = commands.record_result(
+    cmd, _ = command_queue.record_result(
         session,
         pc.id,
         wire["id"],
@@ -294,9 +294,9 @@ def test_passwords_are_sealed_at_rest_redacted_and_wiped(session: Session) -> No
     assert cmd.secret and secretbox.unseal(SECRET, cmd.secret) == {"password": PASSWORD}
     [wire] = deliver(session, pc, later(1))
     assert wire["args"]["password"] == PASSWORD  # only on the wire to its PC
-    commands.acknowledge(session, pc.id, wire["id"], later(2))
+    command_queue.acknowledge(session, pc.id, wire["id"], later(2))
     out = f"created student01 with {PASSWORD}"
-    cmd, _ = commands.record_result(
+    cmd, _ = command_queue.record_result(
         session,
         pc.id,
         wire["id"],
@@ -315,8 +315,8 @@ def test_secrets_are_wiped_when_a_command_expires_or_is_cancelled(session: Sessi
     args = {"username": "student01", "password": PASSWORD}
     send(session, [pc], CommandType.ACCOUNT_PASSWORD, args)
     b2 = send(session, [pc], CommandType.ACCOUNT_PASSWORD, args, expires_in=dt.timedelta(hours=2))
-    commands.expire_overdue(session, later(16 * 60))
-    commands.cancel(session, actor="alice", now=later(16 * 60), batch_id=b2.id)
+    command_queue.expire_overdue(session, later(16 * 60))
+    command_queue.cancel(session, actor="alice", now=later(16 * 60), batch_id=b2.id)
     rows = session.execute(select(Command)).scalars().all()
     assert [(c.status, c.secret) for c in rows] == [("expired", None), ("cancelled", None)]
 
@@ -324,7 +324,7 @@ def test_secrets_are_wiped_when_a_command_expires_or_is_cancelled(session: Sessi
 def test_an_unreadable_secret_fails_the_command_instead_of_running_it(session: Session) -> None:
     pc = add_pc(session, "lab")
     send(session, [pc], CommandType.ACCOUNT_PASSWORD, {"username": "u1", "password": "pw"})
-    wire, _ = commands.deliver(session, pc.id, later(1), server_secret="another key")
+    wire, _ = command_queue.deliver(session, pc.id, later(1), server_secret="another key")
     assert wire == []
     cmd = session.execute(select(Command)).scalar_one()
     assert cmd.status == "failed" and cmd.secret is None
@@ -364,7 +364,7 @@ def test_arguments_are_validated_per_type(
 def test_unknown_pcs_and_empty_targets_are_refused(session: Session) -> None:
     pc = add_pc(session, "lab")
     with pytest.raises(ApiError) as err:
-        commands.queue(
+        command_queue.queue(
             session,
             actor="a",
             kind=CommandType.LOCK,
@@ -376,7 +376,7 @@ def test_unknown_pcs_and_empty_targets_are_refused(session: Session) -> None:
     assert err.value.status == 404 and "999" in err.value.message
     pc_service.set_offline_immediately(session, pc.machine_id, "shutdown", T0)
     with pytest.raises(ApiError) as err:
-        commands.queue(
+        command_queue.queue(
             session,
             actor="a",
             kind=CommandType.LOCK,
@@ -438,12 +438,12 @@ def test_an_ack_before_the_outbox_mark_counts_the_delivery(session: Session) -> 
     box = outbox.Outbox()
     command_id = _handed_from_memory(session, pc, box)
     assert _delivery(session, command_id) == ("queued", 0, None)
-    status, _ = commands.acknowledge(session, pc.id, command_id, later(2))
+    status, _ = command_queue.acknowledge(session, pc.id, command_id, later(2))
     assert status == "running"
     assert _delivery(session, command_id) == ("running", 1, later(2))
     assert box.flush(session) == 1  # the mark comes late and moves nothing
     assert _delivery(session, command_id) == ("running", 1, later(2))
-    cmd, _ = commands.record_result(
+    cmd, _ = command_queue.record_result(
         session, pc.id, command_id, Report(CommandStatus.SUCCEEDED, 0), later(3), server_secret=""
     )
     assert (cmd.status, cmd.attempts, cmd.delivered_at) == ("succeeded", 1, later(2))
@@ -456,7 +456,7 @@ def test_a_result_for_a_command_never_marked_counts_the_delivery(session: Sessio
 
     pc = add_pc(session, "lab")
     command_id = _handed_from_memory(session, pc, outbox.Outbox())  # the marks die with it
-    cmd, changes = commands.record_result(
+    cmd, changes = command_queue.record_result(
         session, pc.id, command_id, Report(CommandStatus.SUCCEEDED, 0), later(3), server_secret=""
     )
     assert [c.status for c in changes] == ["succeeded"]
@@ -517,7 +517,7 @@ def test_two_acks_racing_start_the_command_once(rt: Runtime, session: Session) -
 
     def ack() -> list[Any]:
         with rt.sessions() as s:
-            return commands.acknowledge(s, pc.id, wire["id"], later(2))[1]
+            return command_queue.acknowledge(s, pc.id, wire["id"], later(2))[1]
 
     done = _meet_before(rt, "UPDATE COMMANDS", 2)
     try:
@@ -534,13 +534,13 @@ def test_two_copies_of_a_result_racing_are_stored_and_announced_once(
     pc = add_pc(session, "lab")
     send(session, [pc], CommandType.RUN, {"command": "echo hi"})
     [wire] = deliver(session, pc, later(1))
-    commands.acknowledge(session, pc.id, wire["id"], later(2))
+    command_queue.acknowledge(session, pc.id, wire["id"], later(2))
 
     def result(text: str) -> Any:
         def call() -> list[Any]:
             with rt.sessions() as s:
                 report = Report(CommandStatus.SUCCEEDED, 0, text)
-                return commands.record_result(
+                return command_queue.record_result(
                     s, pc.id, wire["id"], report, later(3), server_secret=SECRET
                 )[1]
 
@@ -571,7 +571,7 @@ def test_an_ack_racing_the_outbox_mark_always_counts_one_delivery(
 
         def ack(command_id: int = command_id) -> str:
             with rt.sessions() as s:
-                return commands.acknowledge(s, pc.id, command_id, later(2))[0]
+                return command_queue.acknowledge(s, pc.id, command_id, later(2))[0]
 
         def flush(box: Any = box) -> int:
             with rt.sessions() as s:

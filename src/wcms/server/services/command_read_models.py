@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session
 from wcms.protocol import FINAL_COMMAND_STATUSES, CommandStatus, CommandType
 from wcms.server.models import Command, CommandBatch, PcInfo
 from wcms.server.services import command_args
-from wcms.server.services.views import iso
+from wcms.server.services.read_models import iso
 
 _WITH_PASSWORD = frozenset({CommandType.ACCOUNT_CREATE, CommandType.ACCOUNT_PASSWORD})
 
