@@ -5,7 +5,12 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: setup run test lint demo bench clean
+.PHONY: setup run test pytest lint demo bench screenshots mutants clean
+
+# The suite runs in TEST_WORKERS processes (pytest-xdist): most tests wait on real servers and
+# clients, not on the CPU, so more workers than cores pays. Tests marked `serial` measure latency
+# under load and run alone afterwards.
+TEST_WORKERS ?= 6
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -28,12 +33,23 @@ run: setup
 	$(BIN)/wcms server run
 
 lint: setup
-	$(BIN)/ruff check src tests bench scripts
-	$(BIN)/ruff format --check src tests bench scripts
+	$(BIN)/ruff check src tests bench scripts tools
+	$(BIN)/ruff format --check src tests bench scripts tools
 	$(BIN)/mypy
 
-test: lint
-	$(BIN)/pytest
+test: lint pytest
+
+pytest: setup
+	$(BIN)/pytest -n $(TEST_WORKERS) -m "not serial" $(PYTEST_ARGS)
+	$(BIN)/pytest -m serial $(PYTEST_ARGS)
+
+# Delete each named guard in turn (tools/mutants.py) and show a test fails for each.
+mutants: setup
+	bash tools/mutants.sh
+
+# The dashboard screenshots in docs/screenshots (needs Chromium: apt-get install chromium).
+screenshots: setup
+	WCMS_SCREENSHOTS_DIR=$(CURDIR)/docs/screenshots $(BIN)/pytest -q tests/browser/test_screenshots.py
 
 demo: setup
 	$(BIN)/python scripts/demo.py

@@ -74,6 +74,9 @@ def _parser() -> argparse.ArgumentParser:
     )
     dis.add_argument("name")
     dis.set_defaults(func=_admin_disable)
+    ena = admin.add_parser("enable", help="enable a disabled admin again")
+    ena.add_argument("name")
+    ena.set_defaults(func=_admin_enable)
 
     pin = sub.add_parser("pin", help="registration PINs").add_subparsers(metavar="ACTION")
     pc = pin.add_parser("create", help="create a 6-digit PIN and print it")
@@ -123,9 +126,11 @@ def _settings(**overrides: Any) -> Any:
 
 @contextmanager
 def _session(migrate_first: bool = False) -> Iterator[Any]:
+    """A unit of work on the configured database: committed when the command's block ends,
+    rolled back when it raises (docs/ARCHITECTURE.md, the transaction rule)."""
     from wcms.server import migrate
     from wcms.server.config import prepare_data_dir
-    from wcms.server.db import make_engine, make_sessionmaker
+    from wcms.server.db import make_engine, make_sessionmaker, unit_of_work
 
     settings = _settings()
     prepare_data_dir(settings)
@@ -135,7 +140,7 @@ def _session(migrate_first: bool = False) -> Iterator[Any]:
             migrate.upgrade(engine)
         elif not migrate.is_current(engine):
             raise CliError("the database schema is not current: run `wcms db upgrade` first")
-        with make_sessionmaker(engine)() as session:
+        with unit_of_work(make_sessionmaker(engine)) as session:
             yield session
     finally:
         engine.dispose()
@@ -151,12 +156,13 @@ def _read_password(prompt: str) -> str:
 
 
 def _accounts_call(fn: Callable[[], Any]) -> Any:
-    from wcms.server.services.accounts import AccountError
+    """`fn()`; a rule of the domain that refuses it becomes a readable CliError."""
+    from wcms.server.services.errors import DomainError
 
     try:
         return fn()
-    except AccountError as exc:
-        raise CliError(str(exc)) from None
+    except DomainError as exc:
+        raise CliError(exc.message) from None
 
 
 # ---------------------------------------------------------------- commands
@@ -193,7 +199,6 @@ def _admin_create(args: argparse.Namespace) -> int:
     with _session() as s:
         _accounts_call(lambda: accounts.create_admin(s, args.name, password, utcnow()))
         audit.record(s, "cli", "admin.create", utcnow(), args.name)
-        s.commit()
     print(f"admin {args.name!r} created")
     return EXIT_OK
 
@@ -209,7 +214,6 @@ def _admin_bootstrap(args: argparse.Namespace) -> int:
         password = accounts.generate_password()
         _accounts_call(lambda: accounts.create_admin(s, args.name, password, utcnow()))
         audit.record(s, "cli", "admin.bootstrap", utcnow(), args.name)
-        s.commit()
     bar = "=" * 64
     print(
         f"{bar}\nFirst admin created. It is shown only this once:\n"
@@ -239,7 +243,6 @@ def _admin_passwd(args: argparse.Namespace) -> int:
         admin = _find_admin(s, args.name)
         ended = _accounts_call(lambda: accounts.set_password(s, admin, password))
         audit.record(s, "cli", "admin.passwd", utcnow(), args.name)
-        s.commit()
     print(f"password of {args.name!r} changed; {ended} dashboard session(s) ended")
     return EXIT_OK
 
@@ -249,10 +252,21 @@ def _admin_disable(args: argparse.Namespace) -> int:
     from wcms.server.services import accounts, audit
 
     with _session() as s:
-        if accounts.set_active(s, _find_admin(s, args.name), False):
+        admin = _find_admin(s, args.name)
+        if _accounts_call(lambda: accounts.set_active(s, admin, False)):
             audit.record(s, "cli", "admin.disable", utcnow(), args.name)
-        s.commit()
     print(f"admin {args.name!r} disabled; their sessions have ended and their API keys stopped")
+    return EXIT_OK
+
+
+def _admin_enable(args: argparse.Namespace) -> int:
+    from wcms.server.db import utcnow
+    from wcms.server.services import accounts, audit
+
+    with _session() as s:
+        if accounts.set_active(s, _find_admin(s, args.name), True):
+            audit.record(s, "cli", "admin.enable", utcnow(), args.name)
+    print(f"admin {args.name!r} enabled; they can log in again")
     return EXIT_OK
 
 
@@ -271,7 +285,6 @@ def _pin_create(args: argparse.Namespace) -> int:
         )
         details = {"multi": args.multi, "auto_approve": args.approve}
         audit.record(s, "cli", "pin.create", utcnow(), f"****{row.hint}", details)
-        s.commit()
     kind = "multi-use" if args.multi else "single-use"
     if args.approve:
         kind += ", approves the PCs it registers"
@@ -294,7 +307,6 @@ def _apikey_create(args: argparse.Namespace) -> int:
         )
         details = {"owner": args.owner} if owner is not None else {"organisation": True}
         audit.record(s, "cli", "apikey.create", utcnow(), args.name, details)
-        s.commit()
     print(key)
     kind = (
         f"owned by admin {args.owner!r}: it stops working while they are disabled"

@@ -6,9 +6,13 @@ Nothing here imports Flask, SQLAlchemy or pywin32: the Windows client bundle shi
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 API_VERSION = 1
 CLIENT_PREFIX = "/api/client"
@@ -19,9 +23,36 @@ SHUTDOWN_TIMEOUT = 2.0
 TOKEN_PREFIX_PC = "wcms_pc_"
 TOKEN_PREFIX_APIKEY = "wcms_ak_"
 PIN_LENGTH = 6
+PIN_PATTERN = rf"^[0-9]{{{PIN_LENGTH}}}$"
+
+# What a PC may call itself: a SMBIOS UUID, /etc/machine-id, or an operator's override.
+MACHINE_ID_MIN_LENGTH = 8
+MACHINE_ID_MAX_LENGTH = 128
+MACHINE_ID_CHARS = "A-Za-z0-9._:-"
+MACHINE_ID_PATTERN = rf"^[{MACHINE_ID_CHARS}]{{{MACHINE_ID_MIN_LENGTH},{MACHINE_ID_MAX_LENGTH}}}$"
 
 # Request bodies larger than this are refused with 413 before they are parsed.
 MAX_BODY_BYTES = 256 * 1024
+
+
+def is_pin(value: str) -> bool:
+    return re.fullmatch(PIN_PATTERN, value) is not None
+
+
+def is_machine_id(value: str) -> bool:
+    return re.fullmatch(MACHINE_ID_PATTERN, value) is not None
+
+
+def wire_time(value: dt.datetime) -> str:
+    """A time as every message on the wire carries it (REST, live feed): ISO 8601 UTC with Z.
+
+    A naive datetime is taken as UTC (what the database gives back on PostgreSQL).
+    """
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=dt.UTC)
+    elif value.utcoffset():
+        value = value.astimezone(dt.UTC)
+    return value.isoformat().replace("+00:00", "Z")
 
 
 class PcState(StrEnum):
@@ -155,6 +186,167 @@ SECRET_COMMANDS = frozenset(
         CommandType.ACCOUNT_PASSWORD,
     }
 )
+
+
+# Commands about the boot they were queued in: queued before the PC's current boot, they expire
+# instead of shutting down (or locking) a machine someone has just switched on.
+STALE_ON_BOOT = POWER_COMMANDS | {CommandType.LOCK}
+BOOT_SLACK = 5.0  # seconds of clock disagreement tolerated by the "booted since" check
+
+
+def stale_on_boot(
+    kind: str, run_when_online: bool, queued_ago: float, up_for: float | None
+) -> bool:
+    """Whether a command queued `queued_ago` s ago must not run on a PC up for `up_for` s.
+
+    The server asks with its clock (now minus the boot time the poll gave), the client with
+    its uptime and the age the server sent: the same rule from either side.
+    """
+    if kind not in STALE_ON_BOOT or run_when_online or up_for is None:
+        return False
+    return queued_ago > up_for + BOOT_SLACK
+
+
+# ---------------------------------------------------------------------------- command arguments
+
+
+@dataclass(frozen=True)
+class ArgSpec:
+    """One argument of a command: its JSON type and limits.
+
+    The server builds its request models from these (a 400 names the field); the client checks
+    what it receives against the same specs before it runs anything (args_problem).
+    """
+
+    type: type[str] | type[int]
+    required: bool = False
+    default: int | None = None
+    min_length: int | None = None
+    max_length: int | None = None
+    pattern: str | None = None
+    ge: int | None = None
+    le: int | None = None
+    description: str | None = None
+
+
+NO_CONTROL = r"^[^\x00-\x1f\x7f]*$"
+_USERNAME = ArgSpec(
+    str,
+    required=True,
+    min_length=1,
+    max_length=20,
+    pattern=r"^[A-Za-z_](?:[A-Za-z0-9_.-]{0,18}[A-Za-z0-9_-])?$",
+    description="a local account: letters, digits, _ . -; at most 20 (Windows' limit)",
+)
+_PASSWORD = ArgSpec(str, required=True, min_length=1, max_length=127, pattern=NO_CONTROL)
+_PACKAGE = ArgSpec(
+    str,
+    required=True,
+    max_length=128,
+    pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]*$",
+    description="a winget / Chocolatey / apt package id, e.g. Mozilla.Firefox or vlc",
+)
+_POWER = {
+    "delay": ArgSpec(int, default=0, ge=0, le=86400, description="seconds before it happens"),
+    "message": ArgSpec(str, max_length=500, pattern=NO_CONTROL),
+}
+
+COMMAND_ARGS: dict[CommandType, dict[str, ArgSpec]] = {
+    CommandType.SHUTDOWN: _POWER,
+    CommandType.RESTART: _POWER,
+    CommandType.LOGOFF: {},
+    CommandType.LOCK: {},
+    CommandType.MESSAGE: {
+        "text": ArgSpec(str, required=True, min_length=1, max_length=1000),
+        "title": ArgSpec(str, max_length=100, pattern=NO_CONTROL),
+    },
+    CommandType.RUN: {
+        "command": ArgSpec(str, required=True, min_length=1, max_length=8000),
+        "timeout": ArgSpec(int, default=300, ge=1, le=3600),
+    },
+    CommandType.INSTALL: {"package": _PACKAGE},
+    CommandType.UNINSTALL: {"package": _PACKAGE},
+    CommandType.KILL: {
+        "name": ArgSpec(str, min_length=1, max_length=255, pattern=r'^[^\\/:*?"<>|\x00-\x1f]+$'),
+        "pid": ArgSpec(int, ge=2, le=2**31 - 1),
+    },
+    CommandType.ACCOUNT_CREATE: {
+        "username": _USERNAME,
+        "password": _PASSWORD,
+        "full_name": ArgSpec(str, max_length=100, pattern=NO_CONTROL),
+        # Windows display language, e.g. ko-KR
+        "language": ArgSpec(str, pattern=r"^[a-z]{2,3}(-[A-Z][a-z]{3})?(-(?:[A-Z]{2}|[0-9]{3}))?$"),
+    },
+    CommandType.ACCOUNT_DELETE: {"username": _USERNAME},
+    CommandType.ACCOUNT_PASSWORD: {"username": _USERNAME, "password": _PASSWORD},
+}
+
+# Arguments sealed at rest and shown as "***" everywhere but on the wire to their PC.
+SECRET_ARGS = frozenset({"password"})
+
+RESERVED_USERS = frozenset(
+    {
+        "root",
+        "administrator",
+        "administrators",
+        "guest",
+        "defaultaccount",
+        "wdagutilityaccount",
+        "system",
+        "daemon",
+        "bin",
+        "sys",
+        "sync",
+        "nobody",
+        "sshd",
+        "www-data",
+    }
+)
+
+
+def args_rule_problem(kind: CommandType, args: Mapping[str, Any]) -> str | None:
+    """What breaks a rule across the arguments (beyond each one's spec), or None."""
+    if kind is CommandType.KILL and (args.get("name") is None) == (args.get("pid") is None):
+        return "give exactly one of name (a process name) or pid"
+    username = args.get("username")
+    if isinstance(username, str) and username.lower() in RESERVED_USERS:
+        return f"{username!r} is a built-in account and cannot be managed"
+    return None
+
+
+def args_problem(kind: CommandType, args: Mapping[str, Any]) -> str | None:
+    """What is wrong with `args` for `kind` by the specs and the rules above, or None."""
+    specs = COMMAND_ARGS[kind]
+    for name, value in args.items():
+        spec = specs.get(name)
+        if spec is None:
+            return f"{name} is not an argument of {kind}"
+        if value is not None:
+            problem = _value_problem(spec, value)
+            if problem is not None:
+                return f"{name} {problem}"
+    for name, spec in specs.items():
+        if spec.required and args.get(name) is None:
+            return f"{name} is missing"
+    return args_rule_problem(kind, args)
+
+
+def _value_problem(spec: ArgSpec, value: Any) -> str | None:
+    if spec.type is int:
+        if not isinstance(value, int) or isinstance(value, bool):
+            return "is not a whole number"
+        if (spec.ge is not None and value < spec.ge) or (spec.le is not None and value > spec.le):
+            return f"is not between {spec.ge} and {spec.le}"
+        return None
+    if not isinstance(value, str):
+        return "is not a string"
+    if spec.min_length is not None and len(value) < spec.min_length:
+        return f"is shorter than {spec.min_length}"
+    if spec.max_length is not None and len(value) > spec.max_length:
+        return f"is longer than {spec.max_length}"
+    if spec.pattern is not None and re.fullmatch(spec.pattern, value) is None:
+        return f"{value[:40]!r} has characters or a form that is not allowed"
+    return None
 
 
 class CommandStatus(StrEnum):

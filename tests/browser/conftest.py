@@ -3,6 +3,7 @@ server process. Without Chromium every browser test skips and says why (CI fails
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -23,7 +24,9 @@ FLAGS = [
     "--disable-sync",
     "--no-first-run",
 ]
-SCREENSHOTS = Path(__file__).resolve().parents[2] / "docs" / "screenshots"
+# `make screenshots` writes docs/screenshots; `make test` writes into the test's own directory,
+# so a test run never rewrites tracked files.
+SCREENSHOTS_ENV = "WCMS_SCREENSHOTS_DIR"
 PASSWORD = "a long test password"
 
 
@@ -70,6 +73,7 @@ class Dashboard:
         self.page = page
         self.dialogs: list[str] = []
         self.errors: list[str] = []
+        self.shots = Path("screenshots")  # set by the `dash` fixture
         page.on("dialog", self._dialog)
         page.on("pageerror", lambda exc: self.errors.append(f"pageerror: {exc}"))
         page.on("console", self._console)
@@ -100,17 +104,19 @@ class Dashboard:
         return resp
 
     def screenshot(self, name: str) -> Path:
-        SCREENSHOTS.mkdir(parents=True, exist_ok=True)
-        path = SCREENSHOTS / name
+        self.shots.mkdir(parents=True, exist_ok=True)
+        path = self.shots / name
         self.page.screenshot(path=str(path), full_page=True)
+        assert path.stat().st_size > 10_000, f"{name}: an empty-looking screenshot"
         return path
 
 
 @pytest.fixture
-def dash(live_server: LiveServer, chromium: Any) -> Iterator[Dashboard]:
+def dash(live_server: LiveServer, chromium: Any, tmp_path: Path) -> Iterator[Dashboard]:
     create_admin(live_server)
     context = chromium.new_context(viewport={"width": 1366, "height": 900}, locale="en-US")
     board = Dashboard(live_server, context.new_page())
+    board.shots = Path(os.environ.get(SCREENSHOTS_ENV) or tmp_path / "screenshots")
     yield board
     context.close()  # before the server stops, so no event stream holds it up
     assert not board.dialogs, f"a dialog fired: {board.dialogs}"

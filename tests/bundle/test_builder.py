@@ -41,6 +41,7 @@ def test_bundle_holds_python_pywin32_psutil_and_wcms(
         "Lib/site-packages/pywin32_system32/pywintypes311.dll",
         "Lib/site-packages/psutil/__init__.py",
         "Lib/site-packages/wcms/client/service.py",
+        "Lib/site-packages/wcms/client/platform/windows_scm.py",
         "Lib/site-packages/wcms/protocol.py",
         "manifest.sig",
     ):

@@ -276,6 +276,7 @@ def test_server_restart_with_commands_in_flight(make_server: Any, tmp_path: Path
         stopped = time.monotonic()
         server.stop()  # the result is due while the server is away
         print(f"\nserver stop with a poll open: {time.monotonic() - stopped:.1f} s")
+        # A duration being tested: the server stays away until the run's result is due.
         time.sleep(max(0.0, 3 - (time.monotonic() - stopped)))
         server.start()
         assert wait_command(server, running, timeout=40)["status"] == "succeeded"
@@ -285,7 +286,8 @@ def test_server_restart_with_commands_in_flight(make_server: Any, tmp_path: Path
         server.restart()
         client.start()
         assert wait_command(server, queued, timeout=30)["status"] == "succeeded"
-        time.sleep(1)  # room for a wrong second run to show
+        # An absence has no signal: a bounded time for a wrong second run to show.
+        time.sleep(1)
         assert sorted(marker.read_text().split()) == ["one", "two"]
     finally:
         client.kill()

@@ -38,12 +38,13 @@ from flask import Flask
 from tests.conftest import LiveServer, free_port, register_pc
 from wcms.client.main import post_shutdown_signal
 from wcms.protocol import PcState, PowerReason
-from wcms.server.api import client as client_api
+from wcms.server import migrate
 from wcms.server.db import make_engine, utcnow
-from wcms.server.errors import ApiError
+from wcms.server.errors import http_status
 from wcms.server.models import PcInfo, PowerEvent
 from wcms.server.runtime import Runtime
-from wcms.server.services import accounts, spool
+from wcms.server.services import accounts, agent, spool
+from wcms.server.services.errors import DomainError
 
 SIGNAL_BUDGET = 2.0  # the client's SHUTDOWN_TIMEOUT: the answer must come within it
 APPLY_BOUND = 10.0  # seconds after the database returns by which the PC must show `off`
@@ -140,6 +141,13 @@ class OwnDatabase:
 
     data_dir: Path
     url: str
+
+    def migrate(self) -> None:
+        engine = make_engine(self.url)
+        try:
+            migrate.upgrade(engine)
+        finally:
+            engine.dispose()
 
 
 @pytest.fixture
@@ -478,8 +486,8 @@ def test_signals_wait_behind_kept_ones_while_any_are_kept(rt: Runtime, app: Flas
     b = _online_pc(rt, "PC-QUEUE-000B", now)
     rt.spool.append(a, "PC-QUEUE-000A", "shutdown", now)  # kept during an outage, not replayed
     with app.app_context(), rt.sessions() as s:
-        who = client_api.PcIdentity(b, "PC-QUEUE-000B")
-        answer = client_api.going_down(rt, s, who, "shutdown")
+        who = agent.PcIdentity(b, "PC-QUEUE-000B")
+        answer = agent.going_down(rt, s, who, "shutdown")
     assert answer["queued"] is True  # the database answers, but b must not overtake a
     assert _state(rt, b)[0] == "online"
     applied = rt.replay_shutdowns()
@@ -504,15 +512,15 @@ def test_a_cached_token_outlives_its_ttl_while_the_database_is_away(rt: Runtime)
     """Every cached token goes stale after TOKEN_CACHE_TTL; an outage longer than that must not
     turn the signals of the PCs this process knows into 503s."""
     token = "wcms_pc_stale-token-for-the-outage"
-    rt.tokens[accounts.sha256(token)] = (41, "PC-STALE-0001", time.monotonic() - 3600)
+    rt.tokens.remember(accounts.sha256(token), 41, "PC-STALE-0001", at=time.monotonic() - 3600)
     _database_away(rt)
-    who = client_api.shutdown_caller(rt, token, "PC-STALE-0001")
+    who = agent.shutdown_caller(rt, token, "PC-STALE-0001")
     assert (who.pc_id, who.machine_id) == (41, "PC-STALE-0001")
-    with pytest.raises(ApiError) as mismatch:
-        client_api.shutdown_caller(rt, token, "PC-OTHER-0002")
-    assert mismatch.value.status == 403
+    with pytest.raises(DomainError) as mismatch:
+        agent.shutdown_caller(rt, token, "PC-OTHER-0002")
+    assert http_status(mismatch.value) == 403
     with pytest.raises(sqlalchemy.exc.OperationalError):  # answered 503 by errors.py
-        client_api.shutdown_caller(rt, "wcms_pc_never-seen", "PC-STALE-0001")
+        agent.shutdown_caller(rt, "wcms_pc_never-seen", "PC-STALE-0001")
 
 
 def test_http_answers_503_not_500_when_the_database_is_away(

@@ -19,11 +19,11 @@ from sqlalchemy.orm import Session
 from tests.conftest import LiveServer, register_pc
 from tests.server.test_command_queue import _meet_before, _race
 from wcms.server.db import utcnow
-from wcms.server.errors import ApiError
 from wcms.server.models import AuditLog, PcInfo
 from wcms.server.runtime import Runtime
 from wcms.server.schemas import RegisterRequest
 from wcms.server.services import pc_service
+from wcms.server.services.errors import DomainError
 
 PASSWORD = "Takeover-Secret-42"
 
@@ -190,7 +190,7 @@ def _register_in_thread(runtime: Runtime, machine_id: str, token: str | None) ->
             try:
                 pc_service.register(s, req, utcnow(), 35, token=token)
                 s.commit()
-            except ApiError as err:
+            except DomainError as err:
                 s.rollback()
                 return str(err.code)
         return "registered"

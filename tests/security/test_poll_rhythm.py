@@ -16,6 +16,8 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+import pytest
+
 from tests.conftest import LiveServer
 
 CLIENTS = 200
@@ -38,6 +40,7 @@ def _register_all(server: LiveServer, count: int) -> list[dict[str, Any]]:
     return pcs
 
 
+@pytest.mark.serial  # counts arrivals per quarter second: timing, measured alone
 def test_polls_that_restart_together_spread_out_and_stay_spread(make_server: Any) -> None:
     server: LiveServer = make_server(WCMS_POLL_TIMEOUT=f"{POLL_TIMEOUT:g}")
     pcs = _register_all(server, CLIENTS)

@@ -65,8 +65,26 @@ def test_admin_create_pin_apikey_and_pcs(database: Database) -> None:
 def test_bad_settings_and_unmigrated_database_read_clearly(database: Database) -> None:
     bad = wcms(database, "pcs", WCMS_PRESENCE_MODE="turbo")
     assert bad.returncode == 1 and "WCMS_PRESENCE_MODE='turbo'" in bad.stderr
+    bad = wcms(database, "pcs", WCMS_HASH_NICE="20")
+    assert bad.returncode == 1 and "WCMS_HASH_NICE=20 is not between 0 and 19" in bad.stderr
     empty = wcms(database, "pcs")
     assert empty.returncode == 1 and "wcms db upgrade" in empty.stderr
+
+
+def test_admin_disable_keeps_one_active_admin_and_enable_undoes_it(database: Database) -> None:
+    """The rule lives in the service (accounts.set_active), so the command line keeps it too."""
+    assert wcms(database, "db", "upgrade").returncode == 0
+    for name in ("kim", "lee"):
+        assert (
+            wcms(database, "admin", "create", name, stdin="correct horse battery\n").returncode == 0
+        )
+    assert wcms(database, "admin", "disable", "kim").returncode == 0
+    last = wcms(database, "admin", "disable", "lee")
+    assert last.returncode != 0 and "Traceback" not in last.stderr
+    assert "the last active admin cannot be disabled" in last.stderr
+    enabled = wcms(database, "admin", "enable", "kim")
+    assert enabled.returncode == 0 and "enabled" in enabled.stdout
+    assert wcms(database, "admin", "disable", "lee").returncode == 0
 
 
 def test_apikey_owner_is_explicit(database: Database) -> None:
@@ -84,6 +102,7 @@ def test_apikey_owner_is_explicit(database: Database) -> None:
     assert org.returncode == 0 and "an organisation key" in org.stderr
     nobody = wcms(database, "apikey", "create", "x", "--owner", "nobody")
     assert nobody.returncode == 1 and "no admin named 'nobody'" in nobody.stderr
+    assert wcms(database, "admin", "create", "lee", stdin="correct horse battery\n").returncode == 0
     assert wcms(database, "admin", "disable", "kim").returncode == 0
     disabled = wcms(database, "apikey", "create", "y", "--owner", "kim")
     assert disabled.returncode == 1 and "is disabled" in disabled.stderr

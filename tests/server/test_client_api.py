@@ -67,7 +67,7 @@ def test_token_is_bound_to_its_machine(live_server: LiveServer) -> None:
 def test_shutdown_signal_marks_offline_at_once_with_reason(live_server: LiveServer) -> None:
     pc = register_pc(live_server)
     before = live_server.get_pc(pc["machine_id"])
-    time.sleep(0.05)
+    time.sleep(0.05)  # a time to pass: the signal's last_seen must be later than registration
     t0 = time.monotonic()
     status, body = shutdown(live_server, pc)
     elapsed = time.monotonic() - t0
@@ -190,7 +190,7 @@ def test_lost_pc_goes_offline_after_its_deadline_and_a_live_one_does_not(
     t0 = time.monotonic()
     while time.monotonic() - t0 < 3.5:
         assert hb(server, alive, cpu_percent=1.0)[0] == 200
-        time.sleep(0.3)
+        time.sleep(0.3)  # the heartbeat interval being tested, well inside the 1.5 s deadline
     got = server.get_pc(silent["machine_id"])
     assert (got["state"], got["reason"], got["status"]) == ("offline", "lost", "lost")
     assert server.get_pc(alive["machine_id"])["state"] == "online"

@@ -11,12 +11,13 @@ from sqlalchemy import select, text
 from sqlalchemy.orm import Session
 
 from wcms.protocol import CommandStatus, CommandType
-from wcms.server.errors import ApiError
+from wcms.server.errors import http_status
 from wcms.server.models import AuditLog, Command, CommandBatch, PcInfo
 from wcms.server.runtime import Runtime
 from wcms.server.schemas import RegisterRequest
 from wcms.server.services import command_queue, pc_service, secretbox
 from wcms.server.services.command_queue import Report, Target
+from wcms.server.services.errors import DomainError
 
 T0 = dt.datetime(2026, 11, 26, 17, 0, tzinfo=dt.UTC)
 SECRET = "server-secret-for-tests"
@@ -45,6 +46,7 @@ def send(
         server_secret=SECRET,
         **kw,
     )
+    session.commit()  # the service flushes; its caller commits
     return batch
 
 
@@ -181,10 +183,10 @@ def test_another_pcs_command_is_not_found(session: Session) -> None:
     a, b = add_pc(session, "a"), add_pc(session, "b")
     send(session, [a], CommandType.LOCK, {})
     [wire] = deliver(session, a, later(1))
-    with pytest.raises(ApiError) as err:
+    with pytest.raises(DomainError) as err:
         command_queue.acknowledge(session, b.id, wire["id"], later(2))
-    assert err.value.status == 404
-    with pytest.raises(ApiError):
+    assert http_status(err.value) == 404
+    with pytest.raises(DomainError):
         command_queue.record_result(
             session,
             b.id,
@@ -354,16 +356,16 @@ def test_arguments_are_validated_per_type(
     session: Session, kind: CommandType, args: dict[str, Any], field: str
 ) -> None:
     pc = add_pc(session, "lab")
-    with pytest.raises(ApiError) as err:
+    with pytest.raises(DomainError) as err:
         send(session, [pc], kind, args)
-    assert err.value.status == 400
+    assert http_status(err.value) == 400
     assert field in (err.value.fields or {}), err.value.fields
     assert session.execute(select(Command)).first() is None
 
 
 def test_unknown_pcs_and_empty_targets_are_refused(session: Session) -> None:
     pc = add_pc(session, "lab")
-    with pytest.raises(ApiError) as err:
+    with pytest.raises(DomainError) as err:
         command_queue.queue(
             session,
             actor="a",
@@ -373,9 +375,9 @@ def test_unknown_pcs_and_empty_targets_are_refused(session: Session) -> None:
             now=T0,
             server_secret=SECRET,
         )
-    assert err.value.status == 404 and "999" in err.value.message
+    assert http_status(err.value) == 404 and "999" in err.value.message
     pc_service.set_offline_immediately(session, pc.machine_id, "shutdown", T0)
-    with pytest.raises(ApiError) as err:
+    with pytest.raises(DomainError) as err:
         command_queue.queue(
             session,
             actor="a",
@@ -385,7 +387,7 @@ def test_unknown_pcs_and_empty_targets_are_refused(session: Session) -> None:
             now=T0,
             server_secret=SECRET,
         )
-    assert err.value.status == 409
+    assert http_status(err.value) == 409
 
 
 def test_deleting_a_pc_deletes_its_commands(session: Session) -> None:

@@ -53,7 +53,7 @@ def test_a_waiting_poll_is_woken_the_moment_a_command_is_queued(live_server: Liv
 
         waiter = threading.Thread(target=wait)
         waiter.start()
-        time.sleep(0.15)  # the poll is waiting on the server
+        live_server.wait_polls(1)  # the poll is waiting on the server's doorbell
         sent = time.monotonic()
         send(live_server, [pc], "message", args={"text": f"hello {i}"})
         waiter.join(timeout=10)
@@ -83,7 +83,7 @@ def test_a_poll_is_contact_and_brings_an_offline_pc_back(live_server: LiveServer
     pc = register_pc(live_server)
     before = live_server.get_pc(pc["machine_id"])
     assert before is not None
-    time.sleep(0.05)
+    time.sleep(0.05)  # a time to pass: the poll's contact must get a later last_seen
     assert poll(live_server, pc, timeout=0)[0] == 200
     deadline = time.monotonic() + 5  # written by the heartbeat writer within a second
     while live_server.get_pc(pc["machine_id"])["last_seen"] == before["last_seen"]:  # type: ignore[index]
@@ -206,23 +206,35 @@ def _register(client: Any, rt: Runtime) -> dict[str, Any]:
 def test_a_waiting_poll_does_not_touch_the_database(app: Flask, rt: Runtime) -> None:
     client = app.test_client()
     pc = _register(client, rt)
-    statements: list[float] = []
+    auth = {"Authorization": f"Bearer {pc['token']}"}
 
-    def count(*_args: Any) -> None:
-        statements.append(time.monotonic())
+    def statements_of_a_poll(timeout: float) -> tuple[int, float]:
+        """How many SQL statements an idle poll ran, and how long it took to answer."""
+        statements: list[str] = []
 
-    event.listen(rt.engine, "before_cursor_execute", count)
-    try:
-        started = time.monotonic()
-        resp = client.get(
-            f"/api/client/commands?machine_id={pc['machine_id']}&timeout=1.5",
-            headers={"Authorization": f"Bearer {pc['token']}"},
-        )
-    finally:
-        event.remove(rt.engine, "before_cursor_execute", count)
-    assert resp.status_code == 200 and resp.get_json()["commands"] == []
-    during_wait = [t for t in statements if t > started + 0.3]
-    assert during_wait == [], f"{len(during_wait)} statements while the poll waited"
+        def count(_conn: Any, _cursor: Any, sql: str, *_args: Any) -> None:
+            statements.append(sql)
+
+        event.listen(rt.engine, "before_cursor_execute", count)
+        try:
+            started = time.monotonic()
+            resp = client.get(
+                f"/api/client/commands?machine_id={pc['machine_id']}&timeout={timeout}",
+                headers=auth,
+            )
+            took = time.monotonic() - started
+        finally:
+            event.remove(rt.engine, "before_cursor_execute", count)
+        assert resp.status_code == 200 and resp.get_json()["commands"] == []
+        return len(statements), took
+
+    statements_of_a_poll(0.1)  # the first contact writes; the polls below are alike
+    short, _ = statements_of_a_poll(0.1)
+    long, took = statements_of_a_poll(2.0)
+    # The wait is jittered to 0.6-1.0 of the timeout (api/commands.py): at least 1.2 s here.
+    assert took >= 1.1, f"the poll answered after {took:.2f} s: it never waited"
+    # A database-polling wait would run more statements the longer it waited.
+    assert long == short, f"{long} statements in a 2 s poll, {short} in a 0.1 s one"
 
 
 def test_progress_is_published_on_the_live_bus(app: Flask, rt: Runtime) -> None:

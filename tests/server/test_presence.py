@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import multiprocessing
+import threading
+from typing import Any
 
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
@@ -59,22 +63,67 @@ def test_checker_flips_only_overdue_pcs(session: Session) -> None:
     assert len(events(session, late)) == 2
 
 
+def _checker(url: str, who: int, rounds: list[dt.datetime], meet: Any, ran: list[Any]) -> None:
+    """One checker process with its own engine: in each round it meets the other one right
+    before its flip (both have read the PC as due), and flips first in every other round; the
+    second starts while the first's transaction is still open."""
+    from sqlalchemy import Engine, event
+
+    from wcms.server.db import make_engine, make_sessionmaker
+
+    engine = make_engine(url)
+    state = {"round": -1, "armed": False, "running": False}
+
+    def before(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        if state["armed"] and statement.lstrip().upper().startswith("UPDATE PC_INFO"):
+            state["armed"], state["running"] = False, True
+            with contextlib.suppress(threading.BrokenBarrierError):
+                meet.wait(10)
+            if state["round"] % 2 != who:
+                ran[state["round"]].wait(10)
+
+    def after(*_args: Any) -> None:
+        if state["running"]:
+            state["running"] = False
+            ran[state["round"]].set()
+
+    event.listen(Engine, "before_cursor_execute", before)
+    event.listen(Engine, "after_cursor_execute", after)
+    with make_sessionmaker(engine)() as s:
+        for i, at in enumerate(rounds):
+            state["round"], state["armed"] = i, True
+            with contextlib.suppress(threading.BrokenBarrierError):
+                meet.wait(10)  # released together
+            pc_service.mark_overdue_lost(s, at, retry_in=5)
+            ran[i].set()  # in case it never reached its flip
+    engine.dispose()
+
+
 def test_two_processes_never_double_flip(rt: Runtime) -> None:
+    """Two checker processes (two workers, two nodes) race for each late PC: one `lost`."""
+    ctx = multiprocessing.get_context("spawn")
+    pcs, rounds = [], []
     with rt.sessions() as s:
-        pc = add_pc(s, "PC-RACE-0001")
-    at = T0 + dt.timedelta(minutes=5)
-    with rt.sessions() as a, rt.sessions() as b:
-        # Both "processes" read the PC as due before either flips it.
-        first = pc_service.mark_overdue_lost(a, at, retry_in=5)
-        second = pc_service.mark_overdue_lost(b, at, retry_in=5)
-    assert len(first) + len(second) == 1
+        for i in range(10):
+            pcs.append(add_pc(s, f"PC-RACE-{i:04d}", now=T0 + dt.timedelta(hours=i)).id)
+            rounds.append(T0 + dt.timedelta(hours=i, seconds=60))  # only this one is due
+    meet = ctx.Barrier(2)
+    ran = [ctx.Event() for _ in rounds]
+    url = rt.settings.database_url
+    procs = [ctx.Process(target=_checker, args=(url, w, rounds, meet, ran)) for w in (0, 1)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    assert [p.exitcode for p in procs] == [0, 0]
     with rt.sessions() as s:
-        n = s.execute(
-            select(func.count())
-            .select_from(PowerEvent)
-            .where(PowerEvent.pc_id == pc.id, PowerEvent.reason == "lost")
-        ).scalar()
-    assert n == 1
+        for pc_id in pcs:
+            n = s.execute(
+                select(func.count())
+                .select_from(PowerEvent)
+                .where(PowerEvent.pc_id == pc_id, PowerEvent.reason == "lost")
+            ).scalar()
+            assert n == 1, pc_id
 
 
 def test_shutdown_signal_is_idempotent_and_keeps_the_freshest_reason(session: Session) -> None:

@@ -9,10 +9,11 @@ import pytest
 from sqlalchemy.orm import Session
 
 from tests.conftest import LiveServer
-from wcms.server.errors import ApiError
+from wcms.server.errors import http_status
 from wcms.server.models import RegistrationPin
 from wcms.server.runtime import Runtime
 from wcms.server.services import accounts, ratelimit
+from wcms.server.services.errors import DomainError
 
 T0 = dt.datetime(2026, 11, 26, 9, 0, tzinfo=dt.UTC)
 
@@ -63,9 +64,9 @@ def test_expired_pin_is_refused_like_a_wrong_one(session: Session, rt: Runtime) 
         accounts.consume_pin(session, rt.secret_key, pin, T0 + dt.timedelta(minutes=9)).id == row.id
     )
     session.rollback()
-    with pytest.raises(ApiError) as err:
+    with pytest.raises(DomainError) as err:
         accounts.consume_pin(session, rt.secret_key, pin, T0 + dt.timedelta(minutes=10))
-    assert (err.value.status, err.value.code) == (403, "invalid_pin")
+    assert (http_status(err.value), err.value.code) == (403, "invalid_pin")
 
 
 def test_pins_are_kept_only_as_hmacs(session: Session, rt: Runtime) -> None:

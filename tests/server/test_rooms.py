@@ -340,6 +340,7 @@ def test_disable_enable_and_the_last_active_admin(api: Api, session: Session) ->
     bob = api.ok("POST", "/api/admins", {"username": "bob"})["id"]
     status, data = api("PATCH", f"/api/admins/{bob}", {"active": False})
     assert (status, data["error"]["code"]) == (409, "conflict")  # the only active admin
+    assert data["error"]["message"] == "the last active admin cannot be disabled"
     api.ok("POST", "/api/admins", {"username": "carol"})
     assert api.ok("PATCH", f"/api/admins/{bob}", {"active": False})["active"] is False
     assert api.ok("PATCH", f"/api/admins/{bob}", {"active": True})["active"] is True

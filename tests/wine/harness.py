@@ -181,7 +181,7 @@ class WineClient:
     def install(self) -> str:
         """install_service() (automatic start, recovery, PreShutdown timeout), not started."""
         code = (
-            "from wcms.client.service import install_service;"
+            "from wcms.client.platform.windows_scm import install_service;"
             "from wcms.client.config import load_config;"
             "from wcms.client.platform.windows import WindowsPlatform;"
             "install_service(load_config(WindowsPlatform()), start=False)"
@@ -219,5 +219,5 @@ class WineClient:
         return self.log_file.read_text(errors="replace") if self.log_file.exists() else ""
 
     def remove(self) -> None:
-        code = "from wcms.client.service import uninstall_service; uninstall_service()"
+        code = "from wcms.client.platform.windows_scm import uninstall_service; uninstall_service()"
         self.wine.python(code)

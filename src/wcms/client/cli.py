@@ -19,7 +19,7 @@ from wcms.client.config import ClientConfig, ConfigError, load_config, write_con
 from wcms.client.identity import IdentityError, TokenStore, machine_id, read_state
 from wcms.client.main import Agent, configure_logging
 from wcms.client.platform.base import Platform
-from wcms.protocol import PowerReason
+from wcms.protocol import PIN_LENGTH, PowerReason
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 STATUS_TIMEOUT = 3.0
@@ -71,7 +71,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _server_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--server", metavar="URL", help="the server, e.g. http://wcms.lab:5050")
-    p.add_argument("--pin", help="a 6-digit registration PIN from an admin (`wcms pin create`)")
+    p.add_argument(
+        "--pin", help=f"a {PIN_LENGTH}-digit registration PIN from an admin (`wcms pin create`)"
+    )
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, str | None]:

@@ -33,7 +33,16 @@ import psutil
 from wcms.client import actions, http
 from wcms.client.config import ClientConfig, write_private
 from wcms.client.platform.base import Platform
-from wcms.protocol import CLIENT_PREFIX, MAX_BODY_BYTES, MAX_OUTPUT_CHARS, CommandType, ErrorCode
+from wcms.protocol import (
+    CLIENT_PREFIX,
+    MAX_BODY_BYTES,
+    MAX_OUTPUT_CHARS,
+    SECRET_ARGS,
+    CommandType,
+    ErrorCode,
+    args_problem,
+    stale_on_boot,
+)
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +56,6 @@ CALL_TIMEOUT = 10.0  # ack and result posts
 ACK_TRIES = 3
 RETRY_BASE = 1.0
 RETRY_CAP = 30.0
-BOOT_SLACK = 5.0
 URGENT = frozenset(
     {
         CommandType.SHUTDOWN,
@@ -58,18 +66,6 @@ URGENT = frozenset(
         CommandType.KILL,
     }
 )
-STALE_ON_BOOT = frozenset(
-    {CommandType.SHUTDOWN, CommandType.RESTART, CommandType.LOGOFF, CommandType.LOCK}
-)
-REQUIRED_ARGS: dict[CommandType, tuple[str, ...]] = {
-    CommandType.MESSAGE: ("text",),
-    CommandType.RUN: ("command",),
-    CommandType.INSTALL: ("package",),
-    CommandType.UNINSTALL: ("package",),
-    CommandType.ACCOUNT_CREATE: ("username", "password"),
-    CommandType.ACCOUNT_DELETE: ("username",),
-    CommandType.ACCOUNT_PASSWORD: ("username", "password"),
-}
 INTERRUPTED = "interrupted: the client stopped while it ran; not run again"
 
 Rand = Callable[[], float]
@@ -468,37 +464,18 @@ def _is_int(value: Any) -> bool:
 
 def check_args(kind: CommandType, args: Mapping[str, Any]) -> str | None:
     """What is wrong with `args` (the server checked them; this is the second lock), or None."""
-    for name in REQUIRED_ARGS.get(kind, ()):
-        if not isinstance(args.get(name), str) or not args[name]:
-            return f"{name} is missing"
-    for name in ("username", "package"):
-        value = args.get(name)
-        if isinstance(value, str) and (
-            value.startswith("-") or any(c in value for c in " \t\n;&|")
-        ):
-            return f"{name} {value!r} is not a plain name"
-    if kind is CommandType.KILL and not (
-        _is_int(args.get("pid")) or isinstance(args.get("name"), str)
-    ):
-        return "name or pid is missing"
-    for name in ("delay", "timeout"):
-        if name in args and not (_is_int(args[name]) and args[name] >= 0):
-            return f"{name} is not a whole number of seconds"
-    return None
+    return args_problem(kind, args)
 
 
 def stale_reason(cmd: Command, uptime_seconds: float | None) -> str | None:
     """A power command queued before this boot is not for this boot (unless asked for)."""
-    if cmd.type not in STALE_ON_BOOT or cmd.run_when_online or uptime_seconds is None:
-        return None
-    if cmd.age > uptime_seconds + BOOT_SLACK:
+    if stale_on_boot(cmd.type, cmd.run_when_online, cmd.age, uptime_seconds):
         return f"queued {cmd.age:.0f} s ago, before this PC started ({uptime_seconds:.0f} s ago)"
     return None
 
 
 def secret_values(args: Mapping[str, Any]) -> list[str]:
-    value = args.get("password")
-    return [value] if isinstance(value, str) and value else []
+    return [v for k, v in args.items() if k in SECRET_ARGS and isinstance(v, str) and v]
 
 
 def result_fields(outcome: actions.Outcome, secrets: Iterable[str] = ()) -> dict[str, Any]:

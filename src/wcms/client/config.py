@@ -25,6 +25,9 @@ CONFIG_FILE = "client.json"
 TOKEN_FILE = "token"
 STATE_FILE = "state.json"
 LOG_FILE = "client.log"
+UPDATE_KEY_FILE = "update_key.pub"  # the operator's key, pinned at the first install
+# Where the Windows bundle is installed (the installer's default, the updater's target).
+WINDOWS_INSTALL_DIR = Path(r"C:\Program Files\WCMS")
 
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 _FILE_KEYS = frozenset({"server_url", "pin", "log_level", "dry_run_power", "test_controls"})
@@ -32,8 +35,6 @@ _FILE_KEYS = frozenset({"server_url", "pin", "log_level", "dry_run_power", "test
 _FLAGS = frozenset({"dry_run_power", "test_controls"})
 _TRUE = frozenset({"1", "true", "yes", "on"})
 _FALSE = frozenset({"0", "false", "no", "off"})
-_PIN_RE = re.compile(rf"^[0-9]{{{protocol.PIN_LENGTH}}}$")
-_MACHINE_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{8,128}$")
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +71,18 @@ class ClientConfig:
     @property
     def log_file(self) -> Path:
         return self.log_dir / LOG_FILE
+
+    @property
+    def update_key_file(self) -> Path:
+        return self.client_dir / UPDATE_KEY_FILE
+
+
+def pinned_key(config: ClientConfig) -> str | None:
+    """The operator's public key this PC pinned at its first install, if any."""
+    try:
+        return config.update_key_file.read_text(encoding="utf-8").strip() or None
+    except FileNotFoundError:
+        return None
 
 
 def load_config(
@@ -154,10 +167,13 @@ def _flag(key: str, raw: object, source: str) -> bool:
 def _validate(key: str, value: str, source: str) -> str:
     if key == "server_url":
         return normalise_server_url(value, source)
-    if key == "pin" and not _PIN_RE.match(value):
+    if key == "pin" and not protocol.is_pin(value):
         raise ConfigError(f"pin in {source} must be {protocol.PIN_LENGTH} digits")
-    if key == "machine_id" and not _MACHINE_ID_RE.match(value):
-        raise ConfigError(f"machine_id in {source} must be 8-128 characters of [A-Za-z0-9._:-]")
+    if key == "machine_id" and not protocol.is_machine_id(value):
+        lengths = f"{protocol.MACHINE_ID_MIN_LENGTH}-{protocol.MACHINE_ID_MAX_LENGTH}"
+        raise ConfigError(
+            f"machine_id in {source} must be {lengths} characters of [{protocol.MACHINE_ID_CHARS}]"
+        )
     if key == "log_level":
         value = value.upper()
         if value not in LOG_LEVELS:

@@ -10,18 +10,15 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from wcms.client.config import ClientConfig, write_private
 from wcms.client.platform.base import Platform
-from wcms.protocol import TOKEN_PREFIX_PC
+from wcms.protocol import TOKEN_PREFIX_PC, is_machine_id
 
 log = logging.getLogger(__name__)
-
-_MACHINE_ID_RE = re.compile(r"^[A-Za-z0-9._:-]{8,128}$")
 
 
 class IdentityError(Exception):
@@ -44,7 +41,7 @@ def machine_id(config: ClientConfig, platform: Platform) -> MachineId:
         raise IdentityError(
             f"cannot read this PC's identity ({exc}); set WCMS_MACHINE_ID"
         ) from None
-    if not _MACHINE_ID_RE.match(value):
+    if not is_machine_id(value):
         raise IdentityError(f"the platform's identity {value!r} is not usable; set WCMS_MACHINE_ID")
     return MachineId(value, f"{platform.name} hardware id")
 

@@ -26,32 +26,25 @@ from typing import Any
 
 from wcms.bundle.verify import MANIFEST, SIGNATURE, BundleRefused, verify_dir
 from wcms.client.config import (
+    WINDOWS_INSTALL_DIR,
     ClientConfig,
     ConfigError,
     load_config,
+    pinned_key,
     write_config_file,
     write_private,
 )
 from wcms.client.identity import read_state
 from wcms.client.platform.base import Platform
+from wcms.protocol import PIN_LENGTH
 
 log = logging.getLogger(__name__)
 
-DEFAULT_TARGET = Path(r"C:\Program Files\WCMS")
-KEY_FILE = "update_key.pub"
 ONLINE, FAILED, NOT_ONLINE, ROLLED_BACK = 0, 1, 3, 4
 
 
 class InstallError(Exception):
     """The install cannot go on; the message says why."""
-
-
-def pinned_key(config: ClientConfig) -> str | None:
-    """The operator's public key this PC pinned at its first install, if any."""
-    try:
-        return (config.client_dir / KEY_FILE).read_text(encoding="utf-8").strip() or None
-    except FileNotFoundError:
-        return None
 
 
 def choose_key(pinned: str | None, offered: str | None) -> str | None:
@@ -119,7 +112,7 @@ def write_settings(
     platform.restrict_to_owner(config.client_dir)
     write_config_file(config, values, platform)
     if key and pinned_key(config) is None:
-        write_private(config.client_dir / KEY_FILE, key + "\n", platform)
+        write_private(config.update_key_file, key + "\n", platform)
 
 
 def wait_online(
@@ -215,9 +208,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="wcms.client.installer", description=__doc__)
     here = Path(sys.executable).parent
     parser.add_argument("--source", type=Path, default=here, help="the unpacked bundle")
-    parser.add_argument("--target", type=Path, default=DEFAULT_TARGET)
+    parser.add_argument("--target", type=Path, default=WINDOWS_INSTALL_DIR)
     parser.add_argument("--server", help="http(s)://SERVER:5050")
-    parser.add_argument("--pin", help="the 6-digit registration PIN")
+    parser.add_argument("--pin", help=f"the {PIN_LENGTH}-digit registration PIN")
     parser.add_argument("--public-key", help="ed25519:... (pinned on first install)")
     parser.add_argument("--wait", type=float, default=30.0, help="seconds to wait for online")
     parser.add_argument("--uninstall", action="store_true")
@@ -239,9 +232,9 @@ def main(
 
         platform = current()
     if service is None:
-        from wcms.client import service as windows_service
+        from wcms.client.platform import windows_scm
 
-        service = windows_service
+        service = windows_scm
     step: Callable[[argparse.Namespace, Platform, Any], int] = (
         uninstall if args.uninstall else install
     )

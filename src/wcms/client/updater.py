@@ -30,8 +30,7 @@ from typing import Any
 
 from wcms.bundle.verify import MANIFEST, BundleRefused, verify_zip
 from wcms.client import CLIENT_VERSION, http
-from wcms.client.config import ClientConfig
-from wcms.client.installer import DEFAULT_TARGET, pinned_key
+from wcms.client.config import WINDOWS_INSTALL_DIR, ClientConfig, pinned_key
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +148,7 @@ def hand_over(staged: Path, target: Path) -> None:
     )
 
 
-def update_once(config: ClientConfig, target: Path = DEFAULT_TARGET) -> bool:
+def update_once(config: ClientConfig, target: Path = WINDOWS_INSTALL_DIR) -> bool:
     """One check; True when a verified update was handed over (the service will restart)."""
     offer = check(config)
     if offer is None:

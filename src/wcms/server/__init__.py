@@ -12,12 +12,14 @@ from werkzeug.middleware.proxy_fix import ProxyFix
 
 from wcms.protocol import MAX_BODY_BYTES, ErrorCode
 from wcms.server import migrate
+from wcms.server.api.request import ID_CONVERTERS
 from wcms.server.config import Settings, ensure_secret_key, load_settings, prepare_data_dir
 from wcms.server.db import make_engine, make_sessionmaker
 from wcms.server.errors import ApiError, register_error_handlers
 from wcms.server.fastpath import AgentFastPath
+from wcms.server.headers import SECURITY_HEADERS
 from wcms.server.runtime import Runtime
-from wcms.server.schemas import BIDI_CONTROLS, ID_CONVERTERS, strip_bidi, strip_bidi_json
+from wcms.server.schemas import BIDI_CONTROLS, strip_bidi, strip_bidi_json
 from wcms.server.services.heartbeats import HeartbeatBuffer
 
 log = logging.getLogger(__name__)
@@ -59,6 +61,15 @@ def create_app(config: dict[str, Any] | Settings | None = None) -> Flask:
     if settings.agent_fast_path:
         app.wsgi_app = AgentFastPath(app.wsgi_app, rt)  # type: ignore[method-assign]
 
+    @app.after_request
+    def _commit_request(resp: Response) -> Response:
+        # The transaction rule (docs/ARCHITECTURE.md): the request commits what its services
+        # flushed when it succeeds; a refused or failed request is rolled back at teardown.
+        session = g.get("db")
+        if session is not None and resp.status_code < 400:
+            session.commit()
+        return resp
+
     @app.teardown_appcontext
     def _close_session(_exc: BaseException | None) -> None:
         session = g.pop("db", None)
@@ -67,9 +78,8 @@ def create_app(config: dict[str, Any] | Settings | None = None) -> Flask:
 
     @app.after_request
     def _security_headers(resp: Response) -> Response:
-        resp.headers.setdefault("X-Content-Type-Options", "nosniff")
-        resp.headers.setdefault("Referrer-Policy", "same-origin")
-        resp.headers.setdefault("X-Frame-Options", "DENY")
+        for name, value in SECURITY_HEADERS:  # the fast path writes the same (headers.py)
+            resp.headers.setdefault(name, value)
         return resp
 
     if settings.background:

@@ -12,31 +12,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from flask import Response, g, request
-from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from wcms.protocol import TOKEN_PREFIX_APIKEY, ErrorCode
-from wcms.server.db import table, utcnow
+from wcms.server.api.request import runtime
+from wcms.server.db import utcnow
 from wcms.server.errors import ApiError
-from wcms.server.models import Admin, PcCredential, PcInfo
-from wcms.server.runtime import TOKEN_CACHE_TTL, Runtime, runtime
+from wcms.server.models import Admin
 from wcms.server.services import accounts, audit
+from wcms.server.services.agent import PcIdentity, identify_pc
 
 UNSAFE_METHODS = {"POST", "PUT", "PATCH", "DELETE"}
-
-# Built once, Core only: a token cache miss costs one indexed SELECT and little Python.
-_PC, _CRED = table(PcInfo), table(PcCredential)
-_TOKEN_LOOKUP = (
-    select(_PC.c.id, _PC.c.machine_id)
-    .join(_CRED, _CRED.c.pc_id == _PC.c.id)
-    .where(_CRED.c.token_hash == bindparam("digest"))
-)
-
-
-@dataclass(frozen=True)
-class PcIdentity:
-    pc_id: int
-    machine_id: str
 
 
 def parse_bearer(header: str) -> str | None:
@@ -51,33 +37,8 @@ def bearer() -> str | None:
     return parse_bearer(request.headers.get("Authorization", ""))
 
 
-def identify_pc(rt: Runtime, token: str | None, machine_id: str) -> PcIdentity:
-    """The PC `token` belongs to; 401 without a valid token, 403 for another PC.
-
-    Works without a Flask request (the agent fast path calls it too): the cache miss reads
-    through its own short connection, so no transaction is held while a poll waits.
-    """
-    if token is None:
-        raise ApiError(401, ErrorCode.INVALID_TOKEN, "missing bearer token")
-    digest = accounts.sha256(token)
-    hit = rt.tokens.get(digest)
-    if hit is None or time.monotonic() - hit[2] > TOKEN_CACHE_TTL:
-        with rt.engine.connect() as conn:
-            row = conn.execute(_TOKEN_LOOKUP, {"digest": digest}).first()
-        if row is None:
-            rt.tokens.pop(digest, None)
-            raise ApiError(401, ErrorCode.INVALID_TOKEN, "unknown or revoked token")
-        hit = (row[0], row[1], time.monotonic())
-        rt.tokens[digest] = hit
-    if not hmac.compare_digest(hit[1], machine_id):
-        raise ApiError(
-            403, ErrorCode.MACHINE_MISMATCH, "this token belongs to another machine; register again"
-        )
-    return PcIdentity(hit[0], hit[1])
-
-
 def current_pc(machine_id: str) -> PcIdentity:
-    """The calling PC (see identify_pc)."""
+    """The calling PC (services/agent.py, identify_pc)."""
     return identify_pc(runtime(), bearer(), machine_id)
 
 
@@ -179,7 +140,10 @@ def check_login_csrf() -> None:
 
 
 def current_admin() -> AdminIdentity:
-    """An API key (no CSRF: not a cookie) or a logged-in admin's session (CSRF checked)."""
+    """An API key (no CSRF: not a cookie) or a logged-in admin's session (CSRF checked).
+
+    Commits nothing: what it writes (a key's last use, a session's sliding last_seen) is
+    committed with the request (create_app's after-request hook)."""
     if "admin" in g:
         return g.admin  # type: ignore[no-any-return]
     token = bearer()
@@ -190,7 +154,6 @@ def current_admin() -> AdminIdentity:
         key = accounts.api_key_for(s, token, utcnow())
         if key is None:
             raise ApiError(401, ErrorCode.UNAUTHORIZED, "unknown or revoked API key")
-        s.commit()
         g.admin = AdminIdentity(f"apikey:{key.name}", None)
         return g.admin  # type: ignore[no-any-return]
     live = _live_session()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -36,19 +36,20 @@ class Settings:
     metrics_sample_interval: float = 60.0  # one history sample per PC at most this often
     metrics_retention_days: int = 14
     events_retention_days: int = 365
-    pin_failures_per_minute: int = 10  # wrong PINs one address may send (burst 30)
     trusted_proxies: int = 0  # how many X-Forwarded-For hops to trust (0: none)
     public_url: str = ""  # how PCs reach this server (https://host[:port]), for install scripts
     # Connection limits (connlimits.py): open connections one address may hold (a campus NAT
     # with a thousand PCs behind one address needs about two per PC: a long poll and a call),
     # and the deadlines for a request's headers (from its first byte) and its body.
     max_connections_per_address: int = 2000
+    # Password hashing (argon2) runs in a thread this much nicer than request handling, so a
+    # login flood cannot slow the shutdown signal (0 to 19; 0: no lower than the requests).
+    hash_nice: int = 10
     header_timeout: float = 10.0
     body_timeout: float = 30.0
     background: bool = True  # run the presence checker and the heartbeat writer
     agent_fast_path: bool = True  # answer ordinary agent calls ahead of Flask (fastpath.py)
     log_level: str = "INFO"
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def sqlalchemy_url(self) -> str:
@@ -92,7 +93,7 @@ def load_settings(overrides: dict[str, Any] | None = None) -> Settings:
     values: dict[str, Any] = {}
     for f in fields(Settings):
         raw = os.environ.get(f"WCMS_{f.name.upper()}")
-        if raw is not None and raw != "" and f.name != "extra":
+        if raw is not None and raw != "":
             values[f.name] = _convert(f.name, f.type, raw)
     values.update(overrides or {})
     settings = Settings(**values)
@@ -100,6 +101,8 @@ def load_settings(overrides: dict[str, Any] | None = None) -> Settings:
         raise ConfigError(f"WCMS_PORT={settings.port} is out of range")
     if settings.max_connections_per_address < 1:
         raise ConfigError("WCMS_MAX_CONNECTIONS_PER_ADDRESS must be at least 1")
+    if not 0 <= settings.hash_nice <= 19:
+        raise ConfigError(f"WCMS_HASH_NICE={settings.hash_nice} is not between 0 and 19")
     if settings.public_url and not _PUBLIC_URL.match(settings.public_url):
         raise ConfigError(
             f"WCMS_PUBLIC_URL={settings.public_url!r} is not http(s)://host[:port][/path]"

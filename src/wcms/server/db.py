@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, cast
 
 from sqlalchemy import (
@@ -18,7 +20,8 @@ from sqlalchemy import (
     event,
 )
 from sqlalchemy.engine import Dialect, make_url
-from sqlalchemy.orm import DeclarativeBase, sessionmaker
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
+from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.dml import UpdateBase
 from sqlalchemy.types import TypeDecorator
@@ -199,3 +202,24 @@ def sqlite_utc_text(value: dt.datetime) -> str:
 def affected(result: Result[Any]) -> int:
     """Rows an UPDATE or DELETE touched."""
     return cast(CursorResult[Any], result).rowcount
+
+
+def db_unavailable(exc: BaseException) -> bool:
+    """The database did not answer (refused, shut down, the connection dropped): the server
+    answers 503 `database_unavailable`, not 500, and the caller may try again later."""
+    if isinstance(exc, OperationalError | InterfaceError):
+        return True
+    return isinstance(exc, DBAPIError) and exc.connection_invalidated
+
+
+@contextmanager
+def unit_of_work(sessions: sessionmaker[Session]) -> Iterator[Session]:
+    """A session for work outside a request (the background loop, the CLI, a stream's check):
+    committed when the block ends normally, rolled back when it raises, closed either way."""
+    with sessions() as session:
+        try:
+            yield session
+        except BaseException:
+            session.rollback()
+            raise
+        session.commit()

@@ -1,16 +1,29 @@
-"""One error shape for every JSON answer: {"error": {"code", "message"[, "fields"]}}."""
+"""One error shape for every JSON answer: {"error": {"code", "message"[, "fields"]}}.
+
+The services raise domain errors (services/errors.py); this module alone maps them to HTTP
+statuses (`http_status`), for Flask's handler and for the agent fast path (`error_answer`).
+"""
 
 from __future__ import annotations
 
 import logging
-from typing import Any, TypeVar
+from typing import Any
 
 from flask import Flask, Response, jsonify, request
-from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 from werkzeug.exceptions import ClientDisconnected, HTTPException
 
 from wcms.protocol import ErrorCode
 from wcms.server.connlimits import BodyReadError
+from wcms.server.db import db_unavailable
+from wcms.server.services.errors import (
+    Conflict,
+    DomainError,
+    Forbidden,
+    Invalid,
+    NotFound,
+    Unauthenticated,
+    Unavailable,
+)
 
 log = logging.getLogger(__name__)
 
@@ -27,11 +40,10 @@ _HTTP_CODES = {
 }
 
 
-T = TypeVar("T")
-
-
 class ApiError(Exception):
-    """An expected failure, answered as a 4xx JSON error."""
+    """An expected failure of the HTTP layer itself (a body too large, a missing credential,
+    a rate limit with its Retry-After), answered as a 4xx JSON error. The services raise
+    domain errors instead (services/errors.py)."""
 
     def __init__(
         self,
@@ -49,11 +61,32 @@ class ApiError(Exception):
         self.headers = headers or {}
 
 
-def found(row: T | None, message: str) -> T:
-    """`row`, or 404 with `message` when it does not exist."""
-    if row is None:
-        raise ApiError(404, ErrorCode.NOT_FOUND, message)
-    return row
+# The one mapping from a kind of domain error to its HTTP status.
+DOMAIN_STATUS: dict[type[DomainError], int] = {
+    Invalid: 400,
+    Unauthenticated: 401,
+    Forbidden: 403,
+    NotFound: 404,
+    Conflict: 409,
+    Unavailable: 503,
+}
+
+
+def http_status(err: DomainError | ApiError) -> int:
+    """The status that answers `err`: an ApiError's own, a domain error's by its kind."""
+    if isinstance(err, ApiError):
+        return err.status
+    for kind in type(err).__mro__:
+        if kind in DOMAIN_STATUS:
+            return DOMAIN_STATUS[kind]
+    return 400
+
+
+def error_answer(err: DomainError | ApiError) -> tuple[int, dict[str, Any], dict[str, str]]:
+    """Status, JSON body and extra headers of an expected failure (Flask's handler and the
+    agent fast path answer with this)."""
+    headers = err.headers if isinstance(err, ApiError) else {}
+    return http_status(err), error_body(err.code, err.message, err.fields), headers
 
 
 def error_body(code: str, message: str, fields: dict[str, str] | None = None) -> dict[str, Any]:
@@ -65,14 +98,6 @@ def error_body(code: str, message: str, fields: dict[str, str] | None = None) ->
 
 
 DB_UNAVAILABLE_MESSAGE = "the database is not answering; try again shortly"
-
-
-def db_unavailable(exc: BaseException) -> bool:
-    """The database did not answer (refused, shut down, the connection dropped): the server
-    answers 503 `database_unavailable`, not 500, and the caller may try again later."""
-    if isinstance(exc, OperationalError | InterfaceError):
-        return True
-    return isinstance(exc, DBAPIError) and exc.connection_invalidated
 
 
 def unexpected_error(exc: BaseException, where: str) -> tuple[int, dict[str, Any]]:
@@ -117,9 +142,12 @@ def wants_json() -> bool:
 
 def register_error_handlers(app: Flask) -> None:
     @app.errorhandler(ApiError)
-    def _api_error(err: ApiError) -> Response:
-        resp = error_response(err.status, err.code, err.message, err.fields)
-        resp.headers.update(err.headers)
+    @app.errorhandler(DomainError)
+    def _expected_error(err: DomainError | ApiError) -> Response:
+        status, body, headers = error_answer(err)
+        resp = jsonify(body)
+        resp.status_code = status
+        resp.headers.update(headers)
         return resp
 
     @app.errorhandler(ClientDisconnected)  # werkzeug's, raised from our BodyReadError

@@ -9,12 +9,13 @@ same answers and error shape. Anything out of the ordinary goes to Flask untouch
 put back), so there is still one implementation of every edge case:
 
 - any other method or path, a body that is not `application/json` with a Content-Length within
-  the limit, a body that is not a JSON object;
+  the limit, a body that is not a JSON object, a query with a NUL in it;
 - a heartbeat that changes state (an event, the boot hardware, a PC not known to be online).
 
 Validation and authentication failures are answered here, as the same ApiError Flask would
-render. Tests run every agent call through this path (the real server), and the edge cases
-through Flask; `WCMS_AGENT_FAST_PATH=0` turns it off.
+render. `answered` counts the requests answered here, so tests know which path answered:
+tests/server/test_fastpath_generated.py sends generated requests both ways and compares status,
+headers, bytes and rows written. `WCMS_AGENT_FAST_PATH=0` turns it off.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from __future__ import annotations
 import io
 import json
 import logging
+from collections import Counter
 from collections.abc import Callable, Iterable
 from http import HTTPStatus
 from typing import TYPE_CHECKING, Any
@@ -30,23 +32,29 @@ from urllib.parse import parse_qsl
 from sqlalchemy.orm import Session
 
 from wcms.protocol import CLIENT_PREFIX, MAX_BODY_BYTES, PcState
-from wcms.server.auth import identify_pc, parse_bearer
-from wcms.server.errors import ApiError, error_body, unexpected_error, unreadable_body
+from wcms.server.auth import parse_bearer
+from wcms.server.errors import ApiError, error_answer, unexpected_error, unreadable_body
+from wcms.server.headers import SECURITY_HEADERS
 from wcms.server.runtime import Runtime
-from wcms.server.schemas import HeartbeatRequest, ShutdownRequest, json_object, parse
+from wcms.server.schemas import (
+    HeartbeatRequest,
+    PollQuery,
+    ShutdownRequest,
+    json_object,
+    parse,
+    strip_bidi_json,
+)
+from wcms.server.services import agent
+from wcms.server.services.agent import identify_pc
+from wcms.server.services.errors import DomainError, Invalid
 
 if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
 log = logging.getLogger(__name__)
 
-# What Flask's after_request hook adds to every answer (wcms.server.create_app).
-_HEADERS = [
-    ("Content-Type", "application/json"),
-    ("X-Content-Type-Options", "nosniff"),
-    ("Referrer-Policy", "same-origin"),
-    ("X-Frame-Options", "DENY"),
-]
+# Flask's after_request hook adds the same security headers (wcms.server.create_app).
+_HEADERS = [("Content-Type", "application/json"), *SECURITY_HEADERS]
 
 
 def _status_line(code: int) -> str:
@@ -81,16 +89,16 @@ class _LazySession:
 
 class AgentFastPath:
     def __init__(self, app: WSGIApplication, rt: Runtime) -> None:
-        # Each call's own steps live beside its Flask view, shared with it.
-        from wcms.server.api import client, commands
-
         self.app = app
         self.rt = rt
-        self._buffered = client.buffered
-        self._going_down = client.going_down
-        self._shutdown_caller = client.shutdown_caller
-        self._poll_query = commands.PollQuery
-        self._wait_for_commands = commands.wait_for_commands
+        # Requests answered here, by path: how tests know this path (not Flask) answered.
+        self.answered: Counter[str] = Counter()
+        # Each call's own steps are shared with its Flask view (services/agent.py).
+        self._buffered = agent.buffered
+        self._going_down = agent.going_down
+        self._shutdown_caller = agent.shutdown_caller
+        self._poll_query = PollQuery
+        self._wait_for_commands = agent.wait_for_commands
         self._routes: dict[tuple[str, str], Callable[[WSGIEnvironment, _LazySession], Answer]] = {
             ("POST", CLIENT_PREFIX + "/heartbeat"): self._heartbeat,
             ("POST", CLIENT_PREFIX + "/shutdown"): self._shutdown,
@@ -106,14 +114,17 @@ class AgentFastPath:
             status, body, extra = route(environ, db)
         except _ToFlask:
             return self.app(environ, start_response)
-        except ApiError as err:
-            status, body, extra = _error(err)
+        except (ApiError, DomainError) as err:  # mapped to HTTP as Flask maps them (errors.py)
+            status, body, extra = error_answer(err)
         except Exception as exc:  # the same last resort as Flask's handler in errors.py
             status, body = unexpected_error(exc, f"agent call {environ['PATH_INFO']}")
             extra = {}
         finally:
             db.close()
-        data = json.dumps(body, separators=(",", ":")).encode()
+        self.answered[environ["PATH_INFO"]] += 1
+        # The bytes Flask's JSON provider writes (create_app's _Json): no bidi control in any
+        # string (an error can echo a field's name), and jsonify's closing newline.
+        data = strip_bidi_json(json.dumps(body, separators=(",", ":"))).encode() + b"\n"
         headers = [*_HEADERS, ("Content-Length", str(len(data))), *extra.items()]
         start_response(_STATUS.get(status) or _status_line(status), headers)
         return [data]
@@ -136,6 +147,8 @@ class AgentFastPath:
     def _poll(self, environ: WSGIEnvironment, db: _LazySession) -> Answer:
         args: dict[str, str] = {}
         for key, value in parse_qsl(environ.get("QUERY_STRING", ""), keep_blank_values=True):
+            if "\x00" in key or "\x00" in value:
+                raise _ToFlask  # refused before any view, with its own message (create_app)
             args.setdefault(key, value)  # the first of repeated keys, as Flask's to_dict()
         query = parse(self._poll_query, args)
         token = _token(environ)
@@ -164,9 +177,5 @@ def _json_object(environ: WSGIEnvironment) -> dict[str, Any]:
     environ["wsgi.input"] = io.BytesIO(raw)  # Flask can still read it
     try:
         return json_object(raw)  # the one JSON reader (schemas.py)
-    except ApiError:
+    except Invalid:
         raise _ToFlask from None
-
-
-def _error(err: ApiError) -> Answer:
-    return err.status, error_body(err.code, err.message, err.fields), err.headers

@@ -40,10 +40,12 @@ def _patched() -> bool:
     return bool(monkey.is_module_patched("threading"))
 
 
-def _lower_priority() -> None:
+def _lower_priority(nice: int) -> None:
     # Linux: a thread's own id takes a per-thread nice value, inherited by argon2's lanes.
+    if nice <= 0:
+        return
     with contextlib.suppress(AttributeError, OSError):  # not Linux, or not permitted
-        os.setpriority(os.PRIO_PROCESS, _native_thread_id(), NICE)
+        os.setpriority(os.PRIO_PROCESS, _native_thread_id(), nice)
 
 
 def _native_thread_id() -> int:
@@ -59,7 +61,9 @@ class HashPool:
         threads: int = THREADS,
         max_in_flight: int = MAX_IN_FLIGHT,
         per_address: int = PER_ADDRESS,
+        nice: int = NICE,
     ) -> None:
+        self.nice = nice
         self.threads = threads
         self.max_in_flight = max_in_flight
         self.per_address = per_address
@@ -98,10 +102,10 @@ class HashPool:
             from gevent.threadpool import ThreadPool
 
             self._pool = ThreadPool(self.threads)
-        result: T = self._pool.apply(_niced, (fn, *args))
+        result: T = self._pool.apply(_niced, (self.nice, fn, *args))
         return result
 
 
-def _niced(fn: Callable[..., T], *args: Any) -> T:
-    _lower_priority()  # one cheap system call; the pool's threads are its own
+def _niced(nice: int, fn: Callable[..., T], *args: Any) -> T:
+    _lower_priority(nice)  # one cheap system call; the pool's threads are its own
     return fn(*args)

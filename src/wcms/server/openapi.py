@@ -15,7 +15,7 @@ from flask import current_app
 from pydantic import BaseModel
 
 from wcms import __version__
-from wcms.server.schemas import ID_CONVERTERS
+from wcms.server.api.request import ID_CONVERTERS
 
 Auth = Literal["none", "pc", "admin"]
 F = TypeVar("F", bound=Callable[..., Any])

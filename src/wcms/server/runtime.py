@@ -9,14 +9,12 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from flask import current_app
 from sqlalchemy import Engine, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from wcms.protocol import PresenceMode, PresenceTiming
 from wcms.server.config import Settings
-from wcms.server.db import utcnow
-from wcms.server.errors import db_unavailable
+from wcms.server.db import db_unavailable, unit_of_work, utcnow
 from wcms.server.hashpool import HashPool
 from wcms.server.models import Setting
 from wcms.server.services import command_queue, pc_service, retention
@@ -38,8 +36,97 @@ FLUSH_MAX_WAIT = 1.0  # seconds a buffered heartbeat waits at most, when few com
 TOKEN_CACHE_TTL = 600.0  # seconds a token lookup is trusted before the database is asked again
 
 
+class TokenCache:
+    """Which PC each bearer token belongs to, kept per process by the token's SHA-256.
+
+    A token this server revokes leaves at once (`forget`, `forget_pc`); the TTL only bounds how
+    long a change made from outside (another process, the CLI) goes unnoticed. The seam for a
+    shared backend (scale-out): its `forget*` would also reach the other processes.
+    """
+
+    def __init__(self, ttl: float = TOKEN_CACHE_TTL) -> None:
+        self.ttl = ttl
+        self._hits: dict[str, tuple[int, str, float]] = {}  # digest -> (pc_id, machine_id, at)
+
+    def fresh(self, digest: str) -> tuple[int, str] | None:
+        """(pc_id, machine_id) of a token looked up within the TTL, else None."""
+        hit = self._hits.get(digest)
+        if hit is None or time.monotonic() - hit[2] > self.ttl:
+            return None
+        return hit[0], hit[1]
+
+    def known(self, digest: str) -> tuple[int, str] | None:
+        """(pc_id, machine_id) of a token looked up at any time (the database is away)."""
+        hit = self._hits.get(digest)
+        return None if hit is None else (hit[0], hit[1])
+
+    def remember(self, digest: str, pc_id: int, machine_id: str, at: float | None = None) -> None:
+        self._hits[digest] = (pc_id, machine_id, time.monotonic() if at is None else at)
+
+    def forget(self, digest: str) -> None:
+        """The database says this token is gone."""
+        self._hits.pop(digest, None)
+
+    def forget_pc(self, pc_id: int) -> None:
+        """Every token of this PC (it registered again, or was deleted)."""
+        for digest in [d for d, hit in self._hits.items() if hit[0] == pc_id]:
+            self._hits.pop(digest, None)
+
+    def clear(self) -> None:
+        self._hits.clear()
+
+    def __contains__(self, digest: object) -> bool:
+        return digest in self._hits
+
+
+class PresenceSettings:
+    """The presence mode in force and its timing (cached per mode: every request asks).
+
+    `load` reads the mode an admin chose at start; `changed` is called when an admin changes
+    it. The seam for a shared backend (scale-out): a change in one process reaching the others.
+    """
+
+    def __init__(self, settings: Settings) -> None:
+        self._settings = settings
+        self.mode = settings.presence_mode
+        self._timings: dict[PresenceMode, PresenceTiming] = {}
+
+    @property
+    def timing(self) -> PresenceTiming:
+        timing = self._timings.get(self.mode)
+        if timing is None:
+            timing = self._timings[self.mode] = self._settings.timing(self.mode)
+        return timing
+
+    def changed(self, mode: PresenceMode) -> None:
+        """An admin chose `mode` (already committed to the settings table)."""
+        self.mode = mode
+
+    def load(self, sessions: sessionmaker[Session]) -> None:
+        """The presence mode an admin chose in the dashboard wins over the environment."""
+        with sessions() as s:
+            value = s.execute(select(Setting.value).where(Setting.key == "presence_mode")).scalar()
+        modes = {m.value for m in PresenceMode}
+        self.mode = PresenceMode(value) if value in modes else self._settings.presence_mode
+
+
+class Limiters:
+    """What holds back abuse: the shared rate limits (in the database, so the same for every
+    process and node) and the pool that runs argon2 off the request path."""
+
+    def __init__(self, engine: Engine, hash_nice: int) -> None:
+        self.rates = Limits(engine)
+        self.hashing = HashPool(nice=hash_nice)
+
+
 @dataclass
 class Runtime:
+    """The process's state, as named components: `tokens` (token cache), `doorbell` (wakes
+    command long polls), `bus` (live events for dashboards), `limiters` (rate limits, hash
+    pool), `presence` (mode and timing), plus the heartbeat buffer, the outbox and the shutdown
+    journal. Callers use the components' methods (`tokens.forget_pc`, `doorbell.ring`,
+    `presence.changed`), never their insides."""
+
     settings: Settings
     secret_key: str
     engine: Engine
@@ -48,39 +135,43 @@ class Runtime:
     bus: Bus = field(default_factory=Bus)
     doorbell: Doorbell = field(default_factory=Doorbell)  # wakes command long polls per PC
     outbox: Outbox = field(default_factory=Outbox)  # fresh commands for woken polls
-    hashpool: HashPool = field(default_factory=HashPool)  # argon2 off the request path
-    mode: PresenceMode = PresenceMode.STANDARD
-    # token sha256 -> (pc_id, machine_id, cached at)
-    tokens: dict[str, tuple[int, str, float]] = field(default_factory=dict)
-    started_at: float = field(default_factory=time.time)
+    tokens: TokenCache = field(default_factory=TokenCache)
     _stop: threading.Event = field(default_factory=threading.Event)
     _thread: threading.Thread | None = None
-    _timings: dict[PresenceMode, PresenceTiming] = field(default_factory=dict)
     # Shutdown signals the database could not take, kept on disk until it answers again.
     spool: ShutdownJournal = field(init=False)
+    presence: PresenceSettings = field(init=False)
+    limiters: Limiters = field(init=False)
 
     def __post_init__(self) -> None:
         self.spool = ShutdownJournal(self.settings.data_dir / "spool")
+        self.presence = PresenceSettings(self.settings)
+        self.limiters = Limiters(self.engine, self.settings.hash_nice)
 
     @property
     def limits(self) -> Limits:
-        """The shared rate limits (in the database: the same for every process and node)."""
-        return Limits(self.engine)
+        """The shared rate limits (limiters.rates)."""
+        return self.limiters.rates
+
+    @property
+    def hashpool(self) -> HashPool:
+        """argon2 off the request path (limiters.hashing)."""
+        return self.limiters.hashing
+
+    @property
+    def mode(self) -> PresenceMode:
+        return self.presence.mode
+
+    @property
+    def timing(self) -> PresenceTiming:
+        return self.presence.timing
 
     def forget_tokens(self, pc_id: int) -> None:
         """A PC's token was revoked (it registered again, or was deleted): drop it from the
         cache and wake the PC's waiting polls, which check their token and answer 401 if it
         was theirs. Other PCs keep theirs."""
-        for digest in [d for d, hit in self.tokens.items() if hit[0] == pc_id]:
-            self.tokens.pop(digest, None)
+        self.tokens.forget_pc(pc_id)
         self.doorbell.revoke([pc_id])
-
-    @property
-    def timing(self) -> PresenceTiming:
-        timing = self._timings.get(self.mode)
-        if timing is None:  # once per mode: every request asks
-            timing = self._timings[self.mode] = self.settings.timing(self.mode)
-        return timing
 
     def wire_config(self) -> dict[str, Any]:
         return {**self.timing.as_wire(), "presence_mode": str(self.mode)}
@@ -91,10 +182,7 @@ class Runtime:
 
     def load_mode(self) -> None:
         """The presence mode an admin chose in the dashboard wins over the environment."""
-        with self.sessions() as s:
-            value = s.execute(select(Setting.value).where(Setting.key == "presence_mode")).scalar()
-        modes = {m.value for m in PresenceMode}
-        self.mode = PresenceMode(value) if value in modes else self.settings.presence_mode
+        self.presence.load(self.sessions)
 
     def publish(self, transitions: list[Transition] | Transition | None) -> None:
         """Tell the dashboard about state changes and keep the online cache in step."""
@@ -169,7 +257,7 @@ class Runtime:
 
     def prune(self, now: dt.datetime) -> dict[str, int]:
         """Delete rows past their retention (metric samples, power events, dead PINs)."""
-        with self.sessions() as s:
+        with unit_of_work(self.sessions) as s:
             counts = retention.prune(
                 s, now, self.settings.metrics_retention_days, self.settings.events_retention_days
             )
@@ -227,9 +315,10 @@ class Runtime:
 
     def expire_commands(self, now: dt.datetime) -> None:
         """Expire commands nobody fetched in time; fail running ones that never reported."""
-        with self.sessions() as s:
-            for change in command_queue.expire_overdue(s, now):
-                self.bus.publish(change.as_message())
+        with unit_of_work(self.sessions) as s:
+            changes = command_queue.expire_overdue(s, now)
+        for change in changes:  # after the commit
+            self.bus.publish(change.as_message())
 
 
 def _rollback_quietly(s: Session) -> None:
@@ -237,8 +326,3 @@ def _rollback_quietly(s: Session) -> None:
         s.rollback()
     except Exception:  # the connection is gone; closing the session discards it
         log.debug("rollback failed", exc_info=True)
-
-
-def runtime() -> Runtime:
-    rt: Runtime = current_app.extensions["wcms"]
-    return rt

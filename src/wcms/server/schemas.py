@@ -1,6 +1,8 @@
 """Request shapes (pydantic): every body is validated here before a domain function sees it.
 
-The same models feed the OpenAPI document, so the document cannot drift from the checks.
+The same models feed the OpenAPI document, so the document cannot drift from the checks. No
+Flask here: the services take these models; reading them from a Flask request is
+api/request.py's job.
 """
 
 from __future__ import annotations
@@ -9,15 +11,13 @@ import json
 import re
 from typing import Annotated, Any, ClassVar, Literal, Self, TypeVar, get_args, get_origin
 
-from flask import request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic.fields import FieldInfo
 from pydantic_core import PydanticCustomError
-from werkzeug.exceptions import NotFound
-from werkzeug.routing import IntegerConverter
 
-from wcms.protocol import MAX_BODY_BYTES, SHUTDOWN_REASONS, ClientEvent, ErrorCode
-from wcms.server.errors import ApiError
+from wcms import protocol
+from wcms.protocol import SHUTDOWN_REASONS, ClientEvent, ErrorCode
+from wcms.server.services.errors import Invalid
 
 # The databases' integer ranges: ids of `Integer` columns (PostgreSQL's integer) and of
 # `BigInteger` ones. A number outside its column's range is refused before any query sees it.
@@ -29,7 +29,14 @@ MAX_JSON_DEPTH = 32
 DbId = Annotated[int, Field(ge=1, le=DB_INT_MAX)]
 DbBigId = Annotated[int, Field(ge=1, le=DB_BIGINT_MAX)]
 Str255 = Annotated[str, Field(max_length=255)]
-MachineId = Annotated[str, Field(min_length=8, max_length=128, pattern=r"^[A-Za-z0-9._:-]+$")]
+MachineId = Annotated[
+    str,
+    Field(
+        min_length=protocol.MACHINE_ID_MIN_LENGTH,
+        max_length=protocol.MACHINE_ID_MAX_LENGTH,
+        pattern=protocol.MACHINE_ID_PATTERN,
+    ),
+]
 Percent = Annotated[float, Field(ge=0, le=100)]
 NonNegInt = Annotated[int, Field(ge=0, le=2**62)]
 NonNegFloat = Annotated[float, Field(ge=0, le=1e12)]
@@ -176,7 +183,7 @@ class Hardware(PcReport):
 
 
 class RegisterRequest(PcReport):
-    pin: Annotated[str, Field(pattern=r"^[0-9]{6}$")]
+    pin: Annotated[str, Field(pattern=protocol.PIN_PATTERN)]
     machine_id: MachineId
     hostname: Annotated[str, Field(min_length=1, max_length=255)]
     client_version: Annotated[str, Field(max_length=32)] | None = None
@@ -210,42 +217,40 @@ class ShutdownRequest(PcReport):
     reason: Literal["shutdown", "restart", "sleep", "agent_stopped"] = "shutdown"
 
 
+class PollQuery(BaseModel):
+    """Query parameters arrive as strings, so this model converts (it is not Strict)."""
+
+    model_config = ConfigDict(extra="forbid")
+    machine_id: MachineId
+    timeout: Annotated[float, Field(ge=0, le=3600)] | None = None
+    boot_time: Annotated[float, Field(ge=0, le=1e11)] | None = None
+
+
 M = TypeVar("M", bound=BaseModel)
-
-
-def read_json_object() -> dict[str, Any]:
-    """The request body as a JSON object, or an ApiError that says what is wrong with it."""
-    if request.content_length is not None and request.content_length > MAX_BODY_BYTES:
-        raise ApiError(413, ErrorCode.TOO_LARGE, f"body larger than {MAX_BODY_BYTES} bytes")
-    if not request.is_json:
-        raise ApiError(415, ErrorCode.INVALID_JSON, "Content-Type must be application/json")
-    raw = request.get_data(cache=True)
-    if len(raw) > MAX_BODY_BYTES:
-        raise ApiError(413, ErrorCode.TOO_LARGE, f"body larger than {MAX_BODY_BYTES} bytes")
-    return json_object(raw)
 
 
 def json_object(raw: bytes) -> dict[str, Any]:
     """`raw` as a JSON object nested at most MAX_JSON_DEPTH deep, or a 400 saying why.
 
-    The one JSON reader of request bodies (read_json_object above and the agent fast path).
+    The one JSON reader of request bodies (api/request.py's read_json_object and the agent
+    fast path).
     """
     try:
         data = json.loads(raw)
     except RecursionError:  # the parser's own limit, near 1,000 levels
         raise _too_deep() from None
     except (ValueError, UnicodeDecodeError) as exc:
-        raise ApiError(400, ErrorCode.INVALID_JSON, f"body is not valid JSON: {exc}") from None
+        raise Invalid(f"body is not valid JSON: {exc}", code=ErrorCode.INVALID_JSON) from None
     if not isinstance(data, dict):
-        raise ApiError(400, ErrorCode.INVALID_JSON, "body must be a JSON object")
+        raise Invalid("body must be a JSON object", code=ErrorCode.INVALID_JSON)
     # Cheap first: a body with few brackets cannot be deep (every heartbeat is such a body).
     if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH and _depth(data) > MAX_JSON_DEPTH:
         raise _too_deep()
     return data
 
 
-def _too_deep() -> ApiError:
-    return ApiError(400, ErrorCode.INVALID_JSON, f"body nested deeper than {MAX_JSON_DEPTH}")
+def _too_deep() -> Invalid:
+    return Invalid(f"body nested deeper than {MAX_JSON_DEPTH}", code=ErrorCode.INVALID_JSON)
 
 
 def _depth(data: Any) -> int:
@@ -278,60 +283,4 @@ def parse(model: type[M], data: Any) -> M:
         message = f"{first[0]}: {first[1]}"
         if len(fields) > 1:
             message += f" (and {len(fields) - 1} more)"
-        raise ApiError(400, ErrorCode.VALIDATION, message, fields) from None
-
-
-def parse_body(model: type[M]) -> M:
-    return parse(model, read_json_object())
-
-
-def query_int(name: str, default: int, lo: int, hi: int) -> int:
-    """A whole-number query parameter within [lo, hi], or 400 naming it.
-
-    `hi` never exceeds the database's integer range: the value may be compared with a column.
-    """
-    hi = min(hi, DB_INT_MAX)
-    raw = request.args.get(name)
-    if raw is None:
-        return default
-    try:
-        value = int(raw) if len(raw) <= 12 else lo - 1
-    except ValueError:
-        value = lo - 1
-    if not lo <= value <= hi:
-        raise ApiError(400, ErrorCode.VALIDATION, f"{name}: a whole number from {lo} to {hi}")
-    return value
-
-
-class IdConverter(IntegerConverter):
-    """`<id:name>` in a route: a row id within the database's integer range (1 to 2^31-1).
-
-    A number outside it (or 0) is a 404 like any unknown id, for every method, and never
-    reaches a query whose database would refuse it. (Werkzeug's own min/max would make it a
-    "no match", which becomes a 405 wherever another method serves the same path.)
-    """
-
-    regex = "[0-9]+"  # ASCII digits only (Python's int() would take any script's)
-    max_value: ClassVar[int] = DB_INT_MAX
-
-    def to_python(self, value: str) -> int:
-        # Count digits first: int() of a 5,000-digit string raises.
-        if len(value) > len(str(self.max_value)) or not 1 <= int(value) <= self.max_value:
-            shown = value if len(value) <= 24 else value[:20] + "..."
-            raise NotFound(f"no such id: {shown} (ids are 1 to {self.max_value})")
-        return int(value)
-
-
-class BigIdConverter(IdConverter):
-    """`<bigid:name>`: the id of a BigInteger column (commands), 1 to 2^63-1."""
-
-    max_value: ClassVar[int] = DB_BIGINT_MAX
-
-
-# Registered in create_app. `int` is bounded too, so a route written with Flask's usual
-# `<int:...>` cannot reach the database with an id out of range either.
-ID_CONVERTERS: dict[str, type[IdConverter]] = {
-    "id": IdConverter,
-    "bigid": BigIdConverter,
-    "int": IdConverter,
-}
+        raise Invalid(message, fields=fields) from None

@@ -7,10 +7,9 @@ platform business too, so the CLI reaches it through the functions below, never 
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING
 
-from wcms.client.platform.base import Platform
-from wcms.protocol import ClientEvent, PowerReason
+from wcms.client.platform.base import AgentControl, Platform, ServiceError
 
 if TYPE_CHECKING:
     from wcms.client.config import ClientConfig
@@ -26,20 +25,6 @@ __all__ = [
 ]
 
 _current: Platform | None = None
-
-
-class ServiceError(Exception):
-    """Installing, removing or asking about the client service failed; the message says why."""
-
-
-class AgentControl(Protocol):
-    """What an OS event source may do to the agent (wcms.client.main.Agent implements it)."""
-
-    def stop(
-        self, reason: PowerReason, *, deadline: float | None = None, source: str = ""
-    ) -> None: ...
-
-    def report(self, event: ClientEvent) -> None: ...
 
 
 def current() -> Platform:
@@ -63,9 +48,9 @@ def _choose() -> Platform:
 def install_service(config: ClientConfig) -> str:
     """Install and start the client as a service; answer a line saying what was done."""
     if sys.platform == "win32":
-        from wcms.client import service
+        from wcms.client.platform import windows_scm
 
-        service.install_service(config)
+        windows_scm.install_service(config)
         return "installed and started the Windows service WCMSClient"
     from wcms.client.platform import linux
 
@@ -75,9 +60,9 @@ def install_service(config: ClientConfig) -> str:
 def uninstall_service() -> str:
     """Stop and remove the client service; answer a line saying what was done."""
     if sys.platform == "win32":
-        from wcms.client import service
+        from wcms.client.platform import windows_scm
 
-        service.uninstall_service()
+        windows_scm.uninstall_service()
         return "stopped and removed the Windows service WCMSClient"
     from wcms.client.platform import linux
 
@@ -87,9 +72,9 @@ def uninstall_service() -> str:
 def service_state() -> str:
     """The service manager's word for the client service: active, inactive, not installed..."""
     if sys.platform == "win32":
-        from wcms.client import service
+        from wcms.client.platform import windows_scm
 
-        return service.service_status()
+        return windows_scm.service_status()
     from wcms.client.platform import linux
 
     return linux.unit_state()

@@ -16,6 +16,22 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Protocol
 
+from wcms.protocol import ClientEvent, PowerReason
+
+
+class ServiceError(Exception):
+    """Installing, removing or asking about the client service failed; the message says why."""
+
+
+class AgentControl(Protocol):
+    """What an OS event source may do to the agent (wcms.client.main.Agent implements it)."""
+
+    def stop(
+        self, reason: PowerReason, *, deadline: float | None = None, source: str = ""
+    ) -> None: ...
+
+    def report(self, event: ClientEvent) -> None: ...
+
 
 class Platform(Protocol):
     name: str  # "windows" or "linux"

@@ -29,12 +29,12 @@ from typing import TYPE_CHECKING, Any
 import psutil
 
 from wcms.client.config import SHUTDOWN_TIMEOUT
-from wcms.client.platform import ServiceError
+from wcms.client.platform.base import ServiceError
 from wcms.protocol import ClientEvent, PowerReason
 
 if TYPE_CHECKING:
     from wcms.client.config import ClientConfig
-    from wcms.client.platform import AgentControl
+    from wcms.client.platform.base import AgentControl
 
 log = logging.getLogger(__name__)
 

@@ -11,16 +11,18 @@ from typing import Annotated, Any
 from flask import Blueprint, jsonify
 from flask.typing import ResponseReturnValue
 from pydantic import Field
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from wcms.protocol import ErrorCode
+from wcms.server.api.request import parse_body
 from wcms.server.auth import audit_action, current_admin, db
 from wcms.server.db import utcnow
-from wcms.server.errors import ApiError, found
+from wcms.server.errors import ApiError
 from wcms.server.models import Admin
 from wcms.server.openapi import documented
-from wcms.server.schemas import Strict, parse_body
+from wcms.server.schemas import Strict
 from wcms.server.services import accounts, read_models
+from wcms.server.services.errors import found
 
 bp = Blueprint("admins_api", __name__, url_prefix="/api")
 
@@ -87,7 +89,6 @@ def create_admin() -> ResponseReturnValue:
     except accounts.AccountError as exc:
         raise ApiError(400, ErrorCode.VALIDATION, str(exc)) from None
     audit_action("admin.create", admin.username)
-    s.commit()
     body = _view(admin)
     if req.password is None:
         body["password"] = password
@@ -106,15 +107,10 @@ def update_admin(admin_id: int) -> ResponseReturnValue:
     req = parse_body(AdminUpdate)
     s = db()
     admin = _admin(admin_id)
-    if not req.active and admin.is_active:
-        if admin.id == current_admin().admin_id:
-            raise ApiError(409, ErrorCode.CONFLICT, "you cannot disable yourself")
-        active = s.execute(select(func.count()).where(Admin.is_active.is_(True))).scalar_one()
-        if active <= 1:
-            raise ApiError(409, ErrorCode.CONFLICT, "the last active admin cannot be disabled")
-    if accounts.set_active(s, admin, req.active):  # disabling ends their sessions, keys stop
+    acting = current_admin().admin_id
+    # Disabling ends their sessions and stops their keys; never oneself nor the last admin.
+    if accounts.set_active(s, admin, req.active, acting_admin_id=acting):
         audit_action("admin.enable" if req.active else "admin.disable", admin.username)
-    s.commit()
     return jsonify(_view(admin))
 
 
@@ -137,7 +133,6 @@ def reset_password(admin_id: int) -> ResponseReturnValue:
     except accounts.AccountError as exc:
         raise ApiError(400, ErrorCode.VALIDATION, str(exc)) from None
     audit_action("admin.password", admin.username)
-    db().commit()
     body = _view(admin)
     if req.password is None:
         body["password"] = password

@@ -2,26 +2,24 @@
 
 from __future__ import annotations
 
-import contextlib
-import hmac
 import logging
 import math
 from typing import Any
 
 from flask import Blueprint, jsonify
 from flask.typing import ResponseReturnValue
-from sqlalchemy.exc import IntegrityError, SQLAlchemyError
-from sqlalchemy.orm import Session
+from sqlalchemy.exc import IntegrityError
 
 from wcms.protocol import CLIENT_PREFIX, ErrorCode, PcState
-from wcms.server.auth import PcIdentity, bearer, client_address, current_pc, db, identify_pc
+from wcms.server.api.request import parse_body, runtime
+from wcms.server.auth import bearer, client_address, current_pc, db
 from wcms.server.db import utcnow
-from wcms.server.errors import ApiError, db_unavailable
+from wcms.server.errors import ApiError
 from wcms.server.models import PcInfo
 from wcms.server.openapi import documented
-from wcms.server.runtime import Runtime, runtime
-from wcms.server.schemas import HeartbeatRequest, RegisterRequest, ShutdownRequest, parse_body
-from wcms.server.services import accounts, pc_service, ratelimit
+from wcms.server.schemas import HeartbeatRequest, RegisterRequest, ShutdownRequest
+from wcms.server.services import accounts, agent, pc_service, ratelimit
+from wcms.server.services.errors import DomainError, Unauthenticated
 
 log = logging.getLogger(__name__)
 bp = Blueprint("client_api", __name__, url_prefix=CLIENT_PREFIX)
@@ -51,7 +49,7 @@ def register() -> ResponseReturnValue:
     # One wrong PIN's worth of every limit is taken before the PIN is evaluated, atomically, and
     # given back if it was right: concurrent requests cannot all pass one remaining try.
     try:
-        attempt = rt.limits.take_all(ratelimit.pin_rules(addr))
+        attempt = rt.limiters.rates.take_all(ratelimit.pin_rules(addr))
     except ratelimit.Limited as limited:
         wait = math.ceil(limited.retry_after)
         raise ApiError(
@@ -62,7 +60,7 @@ def register() -> ResponseReturnValue:
         ) from None
     try:
         pin = accounts.consume_pin(s, rt.secret_key, req.pin, now)
-    except ApiError:
+    except DomainError:
         s.rollback()
         log.warning("wrong registration PIN from %s (machine %s)", addr, req.machine_id)
         raise
@@ -74,7 +72,7 @@ def register() -> ResponseReturnValue:
     except IntegrityError:  # the same machine registering twice at the same instant
         s.rollback()
         raise ApiError(409, ErrorCode.CONFLICT, "registration raced; try again") from None
-    except ApiError:  # a known machine without its token or an admin's leave: the PIN is kept
+    except DomainError:  # a known machine without its token or an admin's leave: the PIN is kept
         s.rollback()
         raise
     finally:  # the PIN was right: not a guess. After the commit: SQLite has one writer
@@ -93,13 +91,13 @@ def heartbeat() -> ResponseReturnValue:
     hb = parse_body(HeartbeatRequest)
     who = current_pc(hb.machine_id)
     rt = runtime()
-    if buffered(rt, who, hb):
+    if agent.buffered(rt, who, hb):
         return _answer({"state": PcState.ONLINE})
     now = utcnow()
     s = db()
     pc = s.get(PcInfo, who.pc_id)
     if pc is None:
-        raise ApiError(401, ErrorCode.INVALID_TOKEN, "this PC was deleted; register again")
+        raise Unauthenticated("this PC was deleted; register again")
     transition = pc_service.apply_heartbeat(s, pc, hb, now, rt.timing.offline_after)
     rt.buffer.set_online(who.pc_id, True)
     rt.publish(transition)
@@ -119,72 +117,5 @@ def heartbeat() -> ResponseReturnValue:
 def shutdown() -> ResponseReturnValue:
     req = parse_body(ShutdownRequest)
     rt = runtime()
-    return _answer(going_down(rt, db(), shutdown_caller(rt, bearer(), req.machine_id), req.reason))
-
-
-# The two steps the agent fast path (server/fastpath.py) shares with the views above.
-
-
-def buffered(rt: Runtime, who: PcIdentity, hb: HeartbeatRequest) -> bool:
-    """The heartbeat hot path: a plain report from a PC this process knows to be online goes
-    into the buffer (written in the next batch). False: it changes state, take the slow path."""
-    if hb.event is None and hb.hardware is None and rt.buffer.knows_online(who.pc_id):
-        rt.buffer.add(who.pc_id, hb, utcnow())
-        return True
-    return False
-
-
-def shutdown_caller(rt: Runtime, token: str | None, machine_id: str) -> PcIdentity:
-    """The PC sending a shutdown signal (auth.identify_pc), from the token cache even past its
-    TTL while the database is away: the signal is sent once, so a PC this process knows must
-    not be refused for want of a database. A token the cache does not hold cannot be checked
-    then: 503 `database_unavailable`."""
-    try:
-        return identify_pc(rt, token, machine_id)
-    except SQLAlchemyError as exc:
-        hit = rt.tokens.get(accounts.sha256(token)) if token is not None else None
-        if hit is None or not db_unavailable(exc):
-            raise
-        if not hmac.compare_digest(hit[1], machine_id):
-            raise ApiError(
-                403,
-                ErrorCode.MACHINE_MISMATCH,
-                "this token belongs to another machine; register again",
-            ) from None
-        return PcIdentity(hit[0], hit[1])
-
-
-def going_down(rt: Runtime, s: Session, who: PcIdentity, reason: str) -> dict[str, Any]:
-    """The shutdown signal: offline at once with its reason; answers the body to send.
-
-    While the database is away the signal is kept in the server's journal on disk
-    (services/spool.py) and applied, in order and as of now, once it answers: the answer then
-    says `"queued": true`. While signals wait there, new ones join them, so none overtakes an
-    older one.
-    """
-    now = utcnow()
-    rt.buffer.set_online(who.pc_id, False)  # a buffered heartbeat must not revive it
-    if not rt.spool.pending:
-        try:
-            rt.publish(pc_service.set_offline_immediately(s, who.machine_id, reason, now))
-            return {"state": PcState.OFFLINE, "reason": reason}
-        except SQLAlchemyError as exc:
-            if not db_unavailable(exc):
-                raise
-            _rollback_quietly(s)
-    try:
-        entry = rt.spool.append(who.pc_id, who.machine_id, reason, now)
-    except OSError:
-        log.exception("could not keep the shutdown signal of pc %s on disk", who.pc_id)
-        raise ApiError(
-            503, ErrorCode.DATABASE_UNAVAILABLE, "the database is away and the signal not kept"
-        ) from None
-    log.warning(
-        "database away: shutdown signal of pc %s (%s) kept as #%d", who.pc_id, reason, entry.seq
-    )
-    return {"state": PcState.OFFLINE, "reason": reason, "queued": True}
-
-
-def _rollback_quietly(s: Session) -> None:
-    with contextlib.suppress(SQLAlchemyError):  # the connection is gone; close discards it
-        s.rollback()
+    who = agent.shutdown_caller(rt, bearer(), req.machine_id)
+    return _answer(agent.going_down(rt, db(), who, req.reason))

@@ -7,53 +7,34 @@ looks once, sleeps until a command is queued for its PC or the timeout passes, l
 from __future__ import annotations
 
 import datetime as dt
-import random
-import time
-from collections.abc import Callable, Iterable
 from typing import Annotated, Any, Literal
 
 from flask import Blueprint, jsonify, request
 from flask.typing import ResponseReturnValue
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
-from sqlalchemy.orm import Session
+from pydantic import Field, field_validator, model_validator
 
-from wcms.protocol import CLIENT_PREFIX, CommandStatus, CommandType, ErrorCode
-from wcms.server.auth import PcIdentity, bearer, client_address, current_admin, current_pc, db
+from wcms.protocol import CLIENT_PREFIX, CommandStatus, CommandType
+from wcms.server.api.request import parse_body, query_int, runtime
+from wcms.server.auth import bearer, client_address, current_admin, current_pc, db
 from wcms.server.db import utcnow
-from wcms.server.errors import ApiError, found
 from wcms.server.models import Command, CommandBatch, PcInfo
 from wcms.server.openapi import documented
-from wcms.server.runtime import Runtime, runtime
-from wcms.server.schemas import HeartbeatRequest, MachineId, Strict, parse, parse_body, query_int
+from wcms.server.schemas import MachineId, PollQuery, Strict, parse
 from wcms.server.services import (
-    accounts,
+    agent,
     command_args,
     command_queue,
     command_read_models,
     outbox,
-    pc_service,
 )
-from wcms.server.services.command_queue import Change
+from wcms.server.services.agent import publish_changes
+from wcms.server.services.errors import found
 
 client_bp = Blueprint("client_commands", __name__, url_prefix=CLIENT_PREFIX)
 bp = Blueprint("admin_commands", __name__, url_prefix="/api")
 
 
-def _publish(rt: Runtime, changes: Iterable[Change]) -> None:
-    for change in changes:
-        rt.bus.publish(change.as_message())
-
-
 # ---------------------------------------------------------------------------- the agent's side
-
-
-class PollQuery(BaseModel):
-    """Query parameters arrive as strings, so this model converts (it is not Strict)."""
-
-    model_config = ConfigDict(extra="forbid")
-    machine_id: MachineId
-    timeout: Annotated[float, Field(ge=0, le=3600)] | None = None
-    boot_time: Annotated[float, Field(ge=0, le=1e11)] | None = None
 
 
 class AckRequest(Strict):
@@ -102,117 +83,7 @@ def _answer(body: dict[str, Any], status: int = 200) -> ResponseReturnValue:
 def poll() -> ResponseReturnValue:
     query = parse(PollQuery, request.args.to_dict())
     who = current_pc(query.machine_id)
-    return _answer({"commands": wait_for_commands(runtime(), db, who, query, bearer())})
-
-
-def wait_for_commands(
-    rt: Runtime,
-    db: Callable[[], Session],
-    who: PcIdentity,
-    query: PollQuery,
-    token: str | None,
-) -> list[dict[str, Any]]:
-    """The long poll itself (the Flask view and the agent fast path both run it).
-
-    `db` opens the caller's session on first use: most polls never need one. `token` is the
-    one the poll was authenticated with: when the PC's token is revoked (it registered again,
-    or was deleted) the poll is woken and answers 401 if it was this one, and it is checked
-    in the database again right before a secret-carrying command is handed over.
-    """
-    digest = accounts.sha256(token) if token is not None else None
-    try:
-        return _wait(rt, db, who, query, digest)
-    except ApiError as err:
-        if err.status == 401 and digest is not None:
-            rt.tokens.pop(digest, None)  # the database says it is gone, wherever it was revoked
-        raise
-
-
-def _wait(
-    rt: Runtime,
-    db: Callable[[], Session],
-    who: PcIdentity,
-    query: PollQuery,
-    digest: str | None,
-) -> list[dict[str, Any]]:
-    limit = rt.timing.poll_timeout
-    wait = limit if query.timeout is None else min(query.timeout, limit)
-    wait *= random.uniform(0.6, 1.0)  # polls that start together end apart (docs/API.md)
-    _contact(rt, db, who, utcnow(), query.boot_time)
-    deadline = time.monotonic() + wait
-    with rt.doorbell.listen(who.pc_id) as bell:
-        if digest is not None and digest not in rt.tokens:
-            # Revoked here (forget_tokens) after this poll was let in, before it listened: the
-            # revocation's ring came too early for it, so it asks the database itself.
-            command_queue.may_receive_secrets(db(), who.pc_id, digest)
-        # Most polls find nothing: a PC known to have nothing open skips the database.
-        idle = rt.doorbell.is_idle(who.pc_id)
-        found = [] if idle else _deliver(rt, db, who.pc_id, query, digest)
-        while not found:
-            left = deadline - time.monotonic()
-            if left <= 0 or not bell.wait(left) or rt.doorbell.closed:
-                break
-            bell.clear()
-            if bell.revoked:  # a token of this PC was revoked: was it this poll's?
-                bell.revoked = False
-                command_queue.may_receive_secrets(db(), who.pc_id, digest)
-            found = _deliver(rt, db, who.pc_id, query, digest)
-    return found
-
-
-def _contact(
-    rt: Runtime,
-    db: Callable[[], Session],
-    who: PcIdentity,
-    now: dt.datetime,
-    boot_time: float | None,
-) -> None:
-    """A poll is contact, exactly like a heartbeat without a report (and it revives a PC)."""
-    if rt.buffer.knows_online(who.pc_id):
-        rt.buffer.touch(who.pc_id, who.machine_id, now)
-        return
-    s = db()
-    pc = s.get(PcInfo, who.pc_id)
-    if pc is None:
-        raise ApiError(401, ErrorCode.INVALID_TOKEN, "this PC was deleted; register again")
-    hb = HeartbeatRequest(machine_id=who.machine_id, boot_time=boot_time)
-    transition = pc_service.apply_heartbeat(s, pc, hb, now, rt.timing.offline_after)
-    rt.buffer.set_online(who.pc_id, True)
-    rt.publish(transition)
-
-
-def _deliver(
-    rt: Runtime, db: Callable[[], Session], pc_id: int, query: PollQuery, digest: str | None
-) -> list[dict[str, Any]]:
-    now = utcnow()
-
-    def vouch() -> bool:  # right before a secret goes out from memory: ask the database
-        return command_queue.may_receive_secrets(db(), pc_id, digest)
-
-    staged, handed, left = rt.outbox.take(pc_id, now, query.boot_time, vouch)
-    _publish(rt, handed)
-    if staged and not left:  # a bulk command's fast way: no database read (services/outbox.py)
-        rt.doorbell.mark_busy(pc_id)
-        return staged
-    rings_before = rt.doorbell.rings(pc_id)
-    s = db()
-    rt.outbox.flush(s)  # marks first, so nothing staged is handed over twice
-    wire, changes = command_queue.deliver(
-        s,
-        pc_id,
-        now,
-        server_secret=rt.secret_key,
-        ack_timeout=float(rt.settings.extra.get("command_ack_timeout", command_queue.ACK_TIMEOUT)),
-        boot_time=query.boot_time,
-        token_digest=digest,
-    )
-    _publish(rt, changes)
-    wire = staged + wire
-    if wire:
-        rt.doorbell.mark_busy(pc_id)
-    elif not command_queue.has_open(s, pc_id):
-        rt.doorbell.mark_idle(pc_id, rings_before)
-    return wire
+    return _answer({"commands": agent.wait_for_commands(runtime(), db, who, query, bearer())})
 
 
 @client_bp.post("/commands/<bigid:command_id>/ack")
@@ -227,7 +98,7 @@ def ack(command_id: int) -> ResponseReturnValue:
     req = parse_body(AckRequest)
     who = current_pc(req.machine_id)
     status, changes = command_queue.acknowledge(db(), who.pc_id, command_id, utcnow())
-    _publish(runtime(), changes)
+    publish_changes(runtime(), changes)
     return _answer({"id": command_id, "status": status})
 
 
@@ -249,7 +120,7 @@ def result(command_id: int) -> ResponseReturnValue:
     cmd, changes = command_queue.record_result(
         db(), who.pc_id, command_id, report, utcnow(), server_secret=rt.secret_key
     )
-    _publish(rt, changes)
+    publish_changes(rt, changes)
     return _answer({"id": command_id, "status": cmd.status})
 
 
@@ -333,6 +204,7 @@ def send() -> ResponseReturnValue:
         run_when_online=req.run_when_online,
         ip=client_address(),
     )
+    s.commit()  # before the polls are woken: they must find the rows
     waiting = rt.doorbell.listening(pc_ids)
     if waiting:  # their polls are woken now: hand them the command from memory
         rt.outbox.stage(outbox.load(s, batch.id, waiting, rt.secret_key))
@@ -374,7 +246,8 @@ def cancel_batch(batch_id: int) -> ResponseReturnValue:
     changes = command_queue.cancel(
         s, actor=current_admin().name, now=utcnow(), batch_id=batch.id, ip=client_address()
     )
-    _publish(rt, changes)
+    s.commit()  # before the changes are published
+    publish_changes(rt, changes)
     return jsonify(command_read_models.batch_detail(s, batch))
 
 
@@ -389,7 +262,8 @@ def cancel_command(command_id: int) -> ResponseReturnValue:
     changes = command_queue.cancel(
         s, actor=current_admin().name, now=utcnow(), command_id=command_id, ip=client_address()
     )
-    _publish(rt, changes)
+    s.commit()  # before the changes are published
+    publish_changes(rt, changes)
     s.refresh(cmd)
     pc = s.get(PcInfo, cmd.pc_id)
     return jsonify(command_read_models.command_view(cmd, pc.hostname if pc else None))

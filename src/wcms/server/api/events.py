@@ -21,11 +21,12 @@ from flask import Blueprint, Response
 from flask.typing import ResponseReturnValue
 from sqlalchemy import select
 
+from wcms.server.api.request import runtime
 from wcms.server.auth import bearer, current_admin
-from wcms.server.db import utcnow
+from wcms.server.db import unit_of_work, utcnow
 from wcms.server.models import PcInfo, PcMetrics
 from wcms.server.openapi import documented
-from wcms.server.runtime import Runtime, runtime
+from wcms.server.runtime import Runtime
 from wcms.server.schemas import strip_bidi_json
 from wcms.server.services import accounts
 from wcms.server.services.read_models import iso
@@ -146,7 +147,7 @@ def _still_allowed(rt: Runtime, session_hash: str | None, token: str | None) -> 
     context is gone by then, so it takes what it needs."""
 
     def check() -> bool:
-        with rt.sessions() as s:
+        with unit_of_work(rt.sessions) as s:
             if session_hash is not None:
                 return accounts.session_for(s, session_hash, utcnow()) is not None
             return token is not None and accounts.api_key_for(s, token, utcnow()) is not None

@@ -11,14 +11,15 @@ from pydantic import Field
 from sqlalchemy import select
 
 from wcms.protocol import ErrorCode, PresenceMode
+from wcms.server.api.request import parse_body, query_int, runtime
 from wcms.server.auth import audit_action, current_admin, db
 from wcms.server.db import utcnow
-from wcms.server.errors import ApiError, found
+from wcms.server.errors import ApiError
 from wcms.server.models import Admin, ApiKey, AuditLog, PcInfo, RegistrationPin, Setting
 from wcms.server.openapi import documented
-from wcms.server.runtime import runtime
-from wcms.server.schemas import Strict, parse_body, query_int
+from wcms.server.schemas import Strict
 from wcms.server.services import accounts, pc_service, read_models
+from wcms.server.services.errors import found
 
 bp = Blueprint("admin_api", __name__, url_prefix="/api")
 
@@ -98,7 +99,6 @@ def approve_pc(pc_id: int) -> ResponseReturnValue:
     pc = found(s.get(PcInfo, pc_id), f"no PC with id {pc_id}")
     if pc_service.approve_pc(pc):
         audit_action("pc.approve", pc.hostname, pc_id=pc.id, machine_id=pc.machine_id)
-    s.commit()
     return jsonify({"id": pc.id, "approved": pc.approved})
 
 
@@ -121,7 +121,6 @@ def allow_reregister(pc_id: int) -> ResponseReturnValue:
         machine_id=pc.machine_id,
         until=read_models.iso(until),
     )
-    s.commit()
     return jsonify({"id": pc.id, "reregister_until": read_models.iso(until)})
 
 
@@ -176,7 +175,6 @@ def create_pin() -> ResponseReturnValue:
         minutes=req.expires_minutes,
         auto_approve=req.auto_approve,
     )
-    s.commit()
     return jsonify({**read_models.pin_view(row, now), "pin": pin}), 201
 
 
@@ -188,7 +186,6 @@ def revoke_pin(pin_id: int) -> ResponseReturnValue:
     if row.revoked_at is None:
         row.revoked_at = now
         audit_action("pin.revoke", f"****{row.hint}")
-    s.commit()
     return jsonify(read_models.pin_view(row, now))
 
 
@@ -241,7 +238,6 @@ def create_key() -> ResponseReturnValue:
     except accounts.AccountError as exc:
         raise ApiError(400, ErrorCode.VALIDATION, str(exc)) from None
     audit_action("apikey.create", req.name)
-    s.commit()
     return jsonify({**_key_view(row, who.name), "key": key}), 201
 
 
@@ -253,7 +249,6 @@ def revoke_key(key_id: int) -> ResponseReturnValue:
     if row.revoked_at is None:
         row.revoked_at = utcnow()
         audit_action("apikey.revoke", row.name)
-    s.commit()
     owner = s.get(Admin, row.owner_id) if row.owner_id is not None else None
     return jsonify(_key_view(row, owner.username if owner else None))
 
@@ -290,7 +285,7 @@ def put_settings() -> ResponseReturnValue:
     audit_action("settings.presence_mode", None, value=req.presence_mode)
     s.commit()
     rt = runtime()
-    rt.mode = PresenceMode(req.presence_mode)
+    rt.presence.changed(PresenceMode(req.presence_mode))
     return jsonify({"presence_mode": str(rt.mode), "timing": rt.timing.as_wire()})
 
 

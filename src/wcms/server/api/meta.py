@@ -9,9 +9,9 @@ from sqlalchemy.exc import SQLAlchemyError
 
 from wcms import __version__
 from wcms.protocol import API_VERSION
+from wcms.server.api.request import runtime
 from wcms.server.auth import db
 from wcms.server.openapi import documented, openapi_document
-from wcms.server.runtime import runtime
 
 bp = Blueprint("meta", __name__)
 
@@ -36,6 +36,8 @@ def healthz() -> ResponseReturnValue:
         "buffered_heartbeats": rt.buffer.pending_count(),
         # Shutdown signals kept on disk while the database was away, not yet applied.
         "kept_shutdown_signals": rt.spool.pending,
+        # Command long polls waiting in this process (tests wait on it instead of sleeping).
+        "waiting_polls": rt.doorbell.waiting,
     }
     return jsonify(body), 200 if database == "ok" else 503
 

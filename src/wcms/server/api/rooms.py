@@ -10,15 +10,16 @@ from pydantic import Field
 from sqlalchemy.exc import IntegrityError
 
 from wcms.protocol import ErrorCode
+from wcms.server.api.request import parse_body, runtime
 from wcms.server.auth import audit_action, current_admin, db
 from wcms.server.db import utcnow
-from wcms.server.errors import ApiError, found
+from wcms.server.errors import ApiError
 from wcms.server.models import PcInfo
 from wcms.server.openapi import documented
-from wcms.server.runtime import runtime
-from wcms.server.schemas import DbId, Strict, parse_body
+from wcms.server.schemas import DbId, Strict
 from wcms.server.services import read_models
 from wcms.server.services import rooms as layout
+from wcms.server.services.errors import found
 
 bp = Blueprint("rooms_api", __name__, url_prefix="/api")
 

@@ -14,13 +14,13 @@ from typing import Any
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from sqlalchemy import bindparam, delete, select, update
+from sqlalchemy import bindparam, delete, func, select, update
 from sqlalchemy.orm import Session
 
 from wcms.protocol import PIN_LENGTH, TOKEN_PREFIX_APIKEY, ErrorCode
 from wcms.server.db import affected, table
-from wcms.server.errors import ApiError
 from wcms.server.models import Admin, AdminSession, ApiKey, RegistrationPin
+from wcms.server.services.errors import Conflict, Forbidden, Invalid
 
 _hasher = PasswordHasher()
 USERNAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -36,8 +36,8 @@ def _inline(fn: Callable[..., Any], *args: Any) -> Any:
     return fn(*args)
 
 
-class AccountError(ValueError):
-    """A readable reason an account operation was refused."""
+class AccountError(Invalid, ValueError):
+    """A readable reason an account operation was refused (a 400 `validation_error`)."""
 
 
 def generate_password() -> str:
@@ -75,11 +75,24 @@ def set_password(
     return end_sessions(session, admin.id, keep=keep_session)
 
 
-def set_active(session: Session, admin: Admin, active: bool) -> bool:
+def set_active(
+    session: Session, admin: Admin, active: bool, *, acting_admin_id: int | None = None
+) -> bool:
     """Enable or disable an admin; disabling ends their sessions at once, and their API keys
-    stop working (api_key_for checks the owner). Answers whether it changed. Caller commits."""
+    stop working (api_key_for checks the owner). Answers whether it changed. Flushes; the
+    caller commits.
+
+    Conflict when it would disable the admin acting (`acting_admin_id`) or the last active
+    admin: the dashboard would then have no way in but the command line.
+    """
     if admin.is_active == active:
         return False
+    if not active:
+        if admin.id == acting_admin_id:
+            raise Conflict("you cannot disable yourself")
+        count = select(func.count()).where(Admin.is_active.is_(True))
+        if session.execute(count).scalar_one() <= 1:
+            raise Conflict("the last active admin cannot be disabled")
     admin.is_active = active
     if not active:
         end_sessions(session, admin.id)
@@ -185,18 +198,18 @@ def start_session(
 def session_for(session: Session, id_hash: str, now: dt.datetime) -> LiveSession | None:
     """The live session with this id hash, or None. An idle or expired session (or one of a
     disabled admin) is deleted on sight; a live one has last_seen_at slid forward, written at
-    most once a minute. Commits what it writes (rarely: a read alone writes nothing)."""
+    most once a minute. Flushes what it writes (rarely: a read alone writes nothing); the
+    request commits it (an after-request hook), or the caller's unit of work."""
     row = session.execute(_SESSION_LOOKUP, {"h": id_hash}).first()
     if row is None:
         return None
     admin_id, csrf, last_seen, expires, username, active = row
     if not active or now >= expires or now - last_seen >= SESSION_IDLE:
         end_session(session, id_hash)
-        session.commit()
+        session.flush()
         return None
     if now - last_seen >= SESSION_TOUCH:
         session.execute(_SESSION_TOUCH, {"h": id_hash, "stale": now - SESSION_TOUCH, "now": now})
-        session.commit()
     return LiveSession(id_hash, admin_id, username, csrf)
 
 
@@ -317,7 +330,8 @@ def create_pin(
 
 
 def consume_pin(session: Session, secret_key: str, pin: str, now: dt.datetime) -> RegistrationPin:
-    """Use a PIN for one registration, or raise 403 saying why not. Caller commits."""
+    """Use a PIN for one registration, or refuse (Forbidden, `invalid_pin`) without saying
+    why. Caller commits."""
     rows = (
         session.execute(
             select(RegistrationPin).where(RegistrationPin.pin_hmac == pin_hmac(secret_key, pin))
@@ -342,8 +356,8 @@ def consume_pin(session: Session, secret_key: str, pin: str, now: dt.datetime) -
             return row
     # One answer for wrong, expired and used PINs: the answer must not tell a guesser which
     # PINs exist (the admin's PIN list shows each PIN's state).
-    raise ApiError(
-        403, ErrorCode.INVALID_PIN, "wrong, expired or already used PIN; ask for a new one"
+    raise Forbidden(
+        "wrong, expired or already used PIN; ask for a new one", code=ErrorCode.INVALID_PIN
     )
 
 

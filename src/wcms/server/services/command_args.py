@@ -1,7 +1,8 @@
 """What each command type accepts: one strict model per type, validated before anything is queued.
 
-The same limits bind the client (it re-checks what it receives), so a bad argument is refused
-with a 400 naming the field instead of failing on 300 PCs.
+The models are built from the protocol's argument specs (protocol.COMMAND_ARGS), which the
+client checks again before it runs anything, so a bad argument is refused with a 400 naming
+the field instead of failing on 300 PCs.
 """
 
 from __future__ import annotations
@@ -9,14 +10,14 @@ from __future__ import annotations
 import datetime as dt
 from typing import Annotated, Any
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, create_model, model_validator
 
-from wcms.protocol import POWER_COMMANDS, CommandType, ErrorCode
-from wcms.server.errors import ApiError
+from wcms.protocol import COMMAND_ARGS, POWER_COMMANDS, ArgSpec, CommandType, args_rule_problem
+from wcms.protocol import SECRET_ARGS as SECRET_ARGS
 from wcms.server.schemas import Strict, parse
+from wcms.server.services.errors import Invalid
 
-# Secret arguments: sealed at rest, replaced by "***" in every view and in the audit log.
-SECRET_ARGS = frozenset({"password"})
+# SECRET_ARGS (protocol): sealed at rest, replaced by "***" in every view and the audit log.
 REDACTED = "***"
 
 # Expiry: a shutdown is about now; "when it next comes online" may wait for days.
@@ -28,134 +29,56 @@ MAX_EXPIRY = dt.timedelta(days=30)
 RUN_GRACE = dt.timedelta(minutes=15)
 INSTALL_LIMIT = dt.timedelta(hours=1)
 
-_RESERVED_USERS = frozenset(
-    {
-        "root",
-        "administrator",
-        "administrators",
-        "guest",
-        "defaultaccount",
-        "wdagutilityaccount",
-        "system",
-        "daemon",
-        "bin",
-        "sys",
-        "sync",
-        "nobody",
-        "sshd",
-        "www-data",
-    }
-)
 
-NoControl = r"^[^\x00-\x1f\x7f]*$"
-Username = Annotated[
-    str,
-    Field(
-        min_length=1,
-        max_length=20,
-        pattern=r"^[A-Za-z_](?:[A-Za-z0-9_.-]{0,18}[A-Za-z0-9_-])?$",
-        description="a local account: letters, digits, _ . -; at most 20 (Windows' limit)",
-    ),
-]
-Password = Annotated[str, Field(min_length=1, max_length=127, pattern=NoControl)]
-PackageId = Annotated[
-    str,
-    Field(
-        max_length=128,
-        pattern=r"^[A-Za-z0-9][A-Za-z0-9._+-]*$",
-        description="a winget / Chocolatey / apt package id, e.g. Mozilla.Firefox or vlc",
-    ),
-]
-Delay = Annotated[int, Field(ge=0, le=86400, description="seconds before it happens")]
-PowerMessage = Annotated[str, Field(max_length=500, pattern=NoControl)]
-Language = Annotated[str, Field(pattern=r"^[a-z]{2,3}(-[A-Z][a-z]{3})?(-(?:[A-Z]{2}|[0-9]{3}))?$")]
-
-
-class NoArgs(Strict):
-    pass
-
-
-class PowerArgs(Strict):
-    delay: Delay = 0
-    message: PowerMessage | None = None
-
-
-class MessageArgs(Strict):
-    text: Annotated[str, Field(min_length=1, max_length=1000)]
-    title: Annotated[str, Field(max_length=100, pattern=NoControl)] | None = None
-
-
-class RunArgs(Strict):
-    command: Annotated[str, Field(min_length=1, max_length=8000)]
-    timeout: Annotated[int, Field(ge=1, le=3600)] = 300
-
-
-class PackageArgs(Strict):
-    package: PackageId
-
-
-class KillArgs(Strict):
-    name: (
-        Annotated[str, Field(min_length=1, max_length=255, pattern=r'^[^\\/:*?"<>|\x00-\x1f]+$')]
-        | None
-    ) = None
-    pid: Annotated[int, Field(ge=2, le=2**31 - 1)] | None = None
+class _Args(Strict):
+    """A command's arguments, built from protocol.COMMAND_ARGS; the rules across them too."""
 
     @model_validator(mode="after")
-    def _one_of(self) -> KillArgs:
-        if (self.name is None) == (self.pid is None):
-            raise ValueError("give exactly one of name (a process name) or pid")
+    def _rules(self) -> _Args:
+        problem = args_rule_problem(_KIND_OF[type(self)], self.__dict__)
+        if problem is not None:
+            raise ValueError(problem)
         return self
 
 
-class _AccountArgs(Strict):
-    username: Username
-
-    @model_validator(mode="after")
-    def _not_reserved(self) -> _AccountArgs:
-        if self.username.lower() in _RESERVED_USERS:
-            raise ValueError(f"{self.username!r} is a built-in account and cannot be managed")
-        return self
-
-
-class AccountCreateArgs(_AccountArgs):
-    password: Password
-    full_name: Annotated[str, Field(max_length=100, pattern=NoControl)] | None = None
-    language: Language | None = None  # Windows display language, e.g. ko-KR
-
-
-class AccountDeleteArgs(_AccountArgs):
-    pass
+def _field(spec: ArgSpec) -> tuple[Any, Any]:
+    """(annotation, default) for create_model, from the protocol's spec."""
+    limits = Field(
+        min_length=spec.min_length,
+        max_length=spec.max_length,
+        pattern=spec.pattern,
+        ge=spec.ge,
+        le=spec.le,
+        description=spec.description,
+    )
+    checked: Any = Annotated[spec.type, limits]
+    if spec.required:
+        return checked, ...
+    if spec.default is not None:
+        return checked, spec.default
+    return checked | None, None
 
 
-class AccountPasswordArgs(_AccountArgs):
-    password: Password
+def _model(kind: CommandType) -> type[BaseModel]:
+    name = "".join(part.title() for part in kind.split("_")) + "Args"
+    fields: dict[str, Any] = {arg: _field(spec) for arg, spec in COMMAND_ARGS[kind].items()}
+    model: type[_Args] = create_model(name, __base__=_Args, **fields)
+    _KIND_OF[model] = kind
+    return model
 
 
-ARG_MODELS: dict[CommandType, type[BaseModel]] = {
-    CommandType.SHUTDOWN: PowerArgs,
-    CommandType.RESTART: PowerArgs,
-    CommandType.LOGOFF: NoArgs,
-    CommandType.LOCK: NoArgs,
-    CommandType.MESSAGE: MessageArgs,
-    CommandType.RUN: RunArgs,
-    CommandType.INSTALL: PackageArgs,
-    CommandType.UNINSTALL: PackageArgs,
-    CommandType.KILL: KillArgs,
-    CommandType.ACCOUNT_CREATE: AccountCreateArgs,
-    CommandType.ACCOUNT_DELETE: AccountDeleteArgs,
-    CommandType.ACCOUNT_PASSWORD: AccountPasswordArgs,
-}
+_KIND_OF: dict[type[BaseModel], CommandType] = {}
+ARG_MODELS: dict[CommandType, type[BaseModel]] = {kind: _model(kind) for kind in CommandType}
 
 
 def validate_args(kind: CommandType, raw: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
     """Check `raw` for `kind`; answer (public args, secret args). 400 naming the bad field."""
     try:
         model = parse(ARG_MODELS[kind], raw)
-    except ApiError as exc:  # name the fields as the request has them: args.<field>
+    except Invalid as exc:  # name the fields as the request has them: args.<field>
         fields = {_under_args(k): v for k, v in (exc.fields or {}).items()}
         where, what = next(iter(fields.items()))
-        raise ApiError(400, ErrorCode.VALIDATION, f"{where}: {what}", fields) from None
+        raise Invalid(f"{where}: {what}", fields=fields) from None
     values = model.model_dump(exclude_none=True)
     secret = {k: v for k, v in values.items() if k in SECRET_ARGS}
     public = {k: v for k, v in values.items() if k not in SECRET_ARGS}

@@ -24,28 +24,26 @@ from sqlalchemy.orm import Session
 from wcms.protocol import (
     FINAL_COMMAND_STATUSES,
     MAX_OUTPUT_CHARS,
-    POWER_COMMANDS,
     SECRET_COMMANDS,
     CommandStatus,
     CommandType,
-    ErrorCode,
     PcState,
+    stale_on_boot,
+    wire_time,
 )
 from wcms.server.db import affected
-from wcms.server.errors import ApiError
 from wcms.server.models import Command, CommandBatch, PcCredential, PcInfo, Room
 from wcms.server.services import audit, command_args, secretbox
+from wcms.server.services.errors import Conflict, NotFound, Unauthenticated
 
 log = logging.getLogger(__name__)
 
 ACK_TIMEOUT = 10.0  # seconds a delivered command waits for its ack before it is delivered again
 MAX_ATTEMPTS = 5  # deliveries without an ack before the command is failed
 DELIVERY_BATCH = 20  # commands handed over in one poll answer
-BOOT_SLACK = 5.0  # seconds of clock disagreement tolerated by the "booted since" check
 NO_RESULT = "no result from the PC in time"
 MAX_TARGET_PCS = 5000
 OPEN = (CommandStatus.QUEUED, CommandStatus.DELIVERED)
-STALE_ON_BOOT = POWER_COMMANDS | {CommandType.LOCK}
 NOT_APPROVED = (
     "not sent: this PC is not approved (it registered with a PIN alone); approve it on its "
     "page, then send the command again"
@@ -77,7 +75,7 @@ class Change:
             "batch_id": self.batch_id,
             "pc_id": self.pc_id,
             "status": self.status,
-            "at": self.at.isoformat(),
+            "at": wire_time(self.at),
         }
 
 
@@ -108,7 +106,8 @@ def queue(
     run_when_online: bool = False,
     ip: str | None = None,
 ) -> tuple[CommandBatch, list[int]]:
-    """Queue one command for every PC of `target` as one batch; audit it. Commits.
+    """Queue one command for every PC of `target` as one batch; audit it. Flushes; the caller
+    commits before it wakes the PCs' polls.
 
     A secret-carrying command (protocol.SECRET_COMMANDS) is refused for each PC that is not
     approved: its row is `failed` at once with the reason, so the batch shows who did not get
@@ -168,7 +167,7 @@ def queue(
     if refused:
         details["not_approved"] = sorted(refused)
     audit.record(session, actor, "command.send", now, description, details, ip)
-    session.commit()
+    session.flush()
     return batch, [pc_id for pc_id in pc_ids if pc_id not in refused]
 
 
@@ -178,22 +177,22 @@ def _resolve(session: Session, target: Target) -> tuple[list[int], str]:
         query = select(PcInfo.id).where(PcInfo.state == PcState.ONLINE).order_by(PcInfo.id)
         ids = list(session.execute(query).scalars())
         if not ids:
-            raise ApiError(409, ErrorCode.CONFLICT, "no PC is online")
+            raise Conflict("no PC is online")
         return ids, f"every online PC ({len(ids)})"
     if target.room_id is not None:
         room = session.get(Room, target.room_id)
         if room is None:
-            raise ApiError(404, ErrorCode.NOT_FOUND, f"no room with id {target.room_id}")
+            raise NotFound(f"no room with id {target.room_id}")
         query = select(PcInfo.id).where(PcInfo.room_id == room.id).order_by(PcInfo.id)
         ids = list(session.execute(query).scalars())
         if not ids:
-            raise ApiError(409, ErrorCode.CONFLICT, f"room {room.name!r} has no PCs")
+            raise Conflict(f"room {room.name!r} has no PCs")
         return ids, f"room {room.name} ({len(ids)} PCs)"
     wanted = sorted(set(target.pc_ids))
     found = set(session.execute(select(PcInfo.id).where(PcInfo.id.in_(wanted))).scalars())
     missing = [i for i in wanted if i not in found]
     if missing:
-        raise ApiError(404, ErrorCode.NOT_FOUND, f"no PC with id {', '.join(map(str, missing))}")
+        raise NotFound(f"no PC with id {', '.join(map(str, missing))}")
     if len(wanted) == 1:
         hostname = session.execute(select(PcInfo.hostname).where(PcInfo.id == wanted[0])).scalar()
         return wanted, f"PC {wanted[0]} ({hostname})"
@@ -241,7 +240,7 @@ def _standing(session: Session, pc_id: int, token_digest: str | None) -> bool:
     ).first()
     if row is None or not row[1]:
         session.rollback()
-        raise ApiError(401, ErrorCode.INVALID_TOKEN, REVOKED)
+        raise Unauthenticated(REVOKED)
     return bool(row[0])
 
 
@@ -264,7 +263,10 @@ def deliver(
     boot_time: float | None = None,
     token_digest: str | None = None,
 ) -> tuple[list[dict[str, Any]], list[Change]]:
-    """Hand the PC its pending commands (new ones, and unacknowledged ones again). Commits.
+    """Hand the PC its pending commands (new ones, and unacknowledged ones again).
+
+    Commits: the `delivered` marks must be durable before the commands leave in the answer
+    and the changes are published on the bus (the poll holds no request transaction).
 
     `boot_time` (epoch seconds, from the poll) lets power commands queued before the PC's
     current boot expire instead of shutting down a machine someone just switched on.
@@ -354,8 +356,9 @@ def refusal(
         return CommandStatus.EXPIRED, "not delivered before it expired"
     if cmd.attempts >= MAX_ATTEMPTS:
         return CommandStatus.FAILED, f"delivered {cmd.attempts} times, never acknowledged"
-    booted_since = boot_time is not None and boot_time > cmd.queued_at.timestamp() + BOOT_SLACK
-    if booted_since and cmd.type in STALE_ON_BOOT and not cmd.run_when_online:
+    up_for = None if boot_time is None else now.timestamp() - boot_time
+    queued_ago = (now - cmd.queued_at).total_seconds()
+    if stale_on_boot(cmd.type, cmd.run_when_online, queued_ago, up_for):
         return CommandStatus.EXPIRED, "the PC started again after the command was queued"
     return None
 
@@ -368,16 +371,12 @@ def wire_form(
         "id": cmd.id,
         "type": cmd.type,
         "args": {**cmd.args, **secret},
-        "queued_at": _iso(cmd.queued_at),
-        "expires_at": _iso(cmd.expires_at),
+        "queued_at": wire_time(cmd.queued_at),
+        "expires_at": wire_time(cmd.expires_at),
         "age": round((now - cmd.queued_at).total_seconds(), 3),
         "run_when_online": cmd.run_when_online,
         "attempt": attempt,
     }
-
-
-def _iso(value: dt.datetime) -> str:
-    return value.isoformat().replace("+00:00", "Z")
 
 
 def _finish_open(
@@ -399,14 +398,17 @@ def _own(session: Session, pc_id: int, command_id: int) -> Command:
     cmd = session.get(Command, command_id)
     if cmd is None or cmd.pc_id != pc_id:
         session.rollback()
-        raise ApiError(404, ErrorCode.NOT_FOUND, f"no command {command_id} for this PC")
+        raise NotFound(f"no command {command_id} for this PC")
     return cmd
 
 
 def acknowledge(
     session: Session, pc_id: int, command_id: int, now: dt.datetime
 ) -> tuple[str, list[Change]]:
-    """The PC received the command and starts it: delivered -> running. Commits.
+    """The PC received the command and starts it: delivered -> running.
+
+    Commits: the PC runs the command on this answer, so `running` must be durable first; the
+    change is then published on the bus.
 
     Idempotent: answers the status the command has now. The client runs the command only when
     this answers `running`; anything else (cancelled, expired) means "do not run it".
@@ -448,7 +450,10 @@ def record_result(
     *,
     server_secret: str,
 ) -> tuple[Command, list[Change]]:
-    """Store the outcome; a duplicate for a final command changes nothing. Commits.
+    """Store the outcome; a duplicate for a final command changes nothing.
+
+    Commits: the outcome (and the wiped secret) must be durable before the PC is told it was
+    taken and the change is published on the bus.
 
     Secrets the command carried are cut out of the output before it is stored, and wiped.
     A non-zero exit code is a failure whatever the client called it.
@@ -523,7 +528,8 @@ def cancel(
     command_id: int | None = None,
     ip: str | None = None,
 ) -> list[Change]:
-    """Cancel what has not started yet (queued or delivered) in a batch or one command. Commits.
+    """Cancel what has not started yet (queued or delivered) in a batch or one command. Flushes;
+    the caller commits before it publishes the changes.
 
     Running and finished commands are left alone: a command the PC acknowledged runs to the end.
     """
@@ -549,13 +555,13 @@ def cancel(
         },
         ip,
     )
-    session.commit()
+    session.flush()
     return changes
 
 
 def expire_overdue(session: Session, now: dt.datetime) -> list[Change]:
     """The sweep: expire undelivered commands past their expiry, fail running ones that never
-    reported. Runs in the presence loop; commits."""
+    reported. Runs in the presence loop (in a unit of work); flushes, the caller commits."""
     changes: list[Change] = []
     overdue = session.execute(
         select(Command).where(Command.status.in_(OPEN), Command.expires_at <= now)
@@ -582,5 +588,5 @@ def expire_overdue(session: Session, now: dt.datetime) -> list[Change]:
         )
         if affected(moved) == 1:
             changes.append(Change(cmd.id, cmd.batch_id, cmd.pc_id, CommandStatus.FAILED, now))
-    session.commit()
+    session.flush()
     return changes

@@ -144,7 +144,10 @@ class HeartbeatBuffer:
         return pending
 
     def flush(self, session: Session, offline_after: float) -> list[Transition]:
-        """Write every pending heartbeat; returns the PCs brought back online meanwhile."""
+        """Write every pending heartbeat; returns the PCs brought back online meanwhile.
+
+        Commits: one transaction per chunk, so a large flush never holds locks for long and a
+        failing chunk keeps only its own heartbeats for the next try."""
         items = list(self.take().items())
         revived: list[Transition] = []
         for start in range(0, len(items), FLUSH_CHUNK):

@@ -141,8 +141,11 @@ class Outbox:
         return bool(self._marks)
 
     def flush(self, session: Session) -> int:
-        """Write the pending `delivered` marks (only still-queued commands move); commits.
-        On failure they are kept for the next try."""
+        """Write the pending `delivered` marks (only still-queued commands move).
+
+        Commits: the marks must be durable before the database is asked what is left to
+        deliver (services/command_queue.deliver), or a staged command would go out twice. On
+        failure they are kept for the next try."""
         with self._lock:
             marks, self._marks = self._marks, []
         if not marks:

@@ -16,12 +16,12 @@ from typing import Any
 from sqlalchemy import bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
-from wcms.protocol import TOKEN_PREFIX_PC, ClientEvent, ErrorCode, PcState, PowerReason
+from wcms.protocol import TOKEN_PREFIX_PC, ClientEvent, ErrorCode, PcState, PowerReason, wire_time
 from wcms.server.db import BatchStatement, affected, table
-from wcms.server.errors import ApiError
 from wcms.server.models import PcCredential, PcInfo, PcMetrics, PowerEvent
 from wcms.server.schemas import Hardware, HeartbeatRequest, RegisterRequest
 from wcms.server.services.accounts import sha256
+from wcms.server.services.errors import Conflict
 
 log = logging.getLogger(__name__)
 
@@ -44,7 +44,7 @@ class Transition:
             "pc_id": self.pc_id,
             "state": self.to_state,
             "reason": self.reason,
-            "since": self.at.isoformat(),
+            "since": wire_time(self.at),
         }
 
 
@@ -91,6 +91,9 @@ def set_offline_immediately(
     """The seed's shutdown signal: the PC is offline now, last_seen is now, the reason kept.
 
     Returns the transition, or None when the PC was already offline for the same reason.
+    Commits: the PC is going down and sends this once; the flip must be durable before the
+    answer and before it is published on the bus (the agent fast path has no request
+    transaction).
     """
     # The hot path runs on the driver's cursor (db.BatchStatement): the same SQL and values
     # SQLAlchemy would send, without its per-statement work (bench/shutdown_latency.py).
@@ -157,7 +160,10 @@ def mark_online(
 def apply_heartbeat(
     session: Session, pc: PcInfo, hb: HeartbeatRequest, now: dt.datetime, offline_after: float
 ) -> Transition | None:
-    """Write one heartbeat at once (the slow path: state changes and events); commits.
+    """Write one heartbeat at once (the slow path: state changes and events).
+
+    Commits: a state change is published on the bus right after, and the command poll that
+    revives a PC holds no request transaction while it waits.
 
     Core UPDATEs of what the heartbeat carries, without loading and flushing ORM objects
     (see bench/shutdown_latency.py); `pc` is expired afterwards, so reading it reloads.
@@ -308,11 +314,10 @@ def _authorize_again(
         .values(reregister_until=None)
     )
     if affected(allowed) != 1:
-        raise ApiError(
-            409,
-            ErrorCode.MACHINE_REGISTERED,
+        raise Conflict(
             f"machine {pc.machine_id} is already registered (as {pc.hostname}); an admin must "
             "allow re-registration on the PC's page, or delete the PC",
+            code=ErrorCode.MACHINE_REGISTERED,
         )
     moved = session.execute(
         update(_CRED).where(_CRED.c.pc_id == pc_id).values(token_hash=new_hash, created_at=now)
@@ -343,8 +348,9 @@ def approve_pc(pc: PcInfo) -> bool:
 def mark_overdue_lost(session: Session, now: dt.datetime, retry_in: float) -> list[Transition]:
     """The checker: flip every online PC whose deadline has passed to offline, reason `lost`.
 
-    Each PC is its own transaction; a row that fails gets its deadline pushed forward by
-    `retry_in` seconds and the loop goes on.
+    Commits: each PC is its own transaction, so one failing row cannot undo the others; a
+    row that fails gets its deadline pushed forward by `retry_in` seconds and the loop goes
+    on.
     """
     pc_table = table(PcInfo)
     due = (

@@ -83,7 +83,10 @@ class Limits:
         self.engine = engine
 
     def take(self, key: str, rule: Rule, now: float | None = None) -> float:
-        """Consume one request of `key`: 0.0 when it passes, else seconds until it would."""
+        """Consume one request of `key`: 0.0 when it passes, else seconds until it would.
+
+        Commits (its own short connection): a limit must hold across concurrent requests and
+        processes, whatever becomes of the request's own transaction."""
         now = time.time() if now is None else now
         params = {
             "rl_key": key,

@@ -9,7 +9,7 @@ from sqlalchemy import ColumnElement, Row, String, select, type_coerce
 from sqlalchemy.orm import Session
 from sqlalchemy.types import TypeDecorator
 
-from wcms.protocol import display_status
+from wcms.protocol import display_status, wire_time
 from wcms.server.db import table
 from wcms.server.models import (
     MetricSample,
@@ -22,7 +22,8 @@ from wcms.server.models import (
 
 
 def iso(value: dt.datetime | None) -> str | None:
-    return value.isoformat().replace("+00:00", "Z") if value else None
+    """A time as the wire carries it (protocol.wire_time), or None."""
+    return wire_time(value) if value else None
 
 
 class _StoredTime(TypeDecorator[Any]):

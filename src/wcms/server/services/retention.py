@@ -51,5 +51,5 @@ def prune(
             )
         ),
     }
-    session.commit()
+    session.flush()
     return counts

@@ -16,9 +16,9 @@ from typing import Any
 from sqlalchemy import false, func, select, update
 from sqlalchemy.orm import Session
 
-from wcms.protocol import DisplayStatus, ErrorCode, display_status
-from wcms.server.errors import ApiError
+from wcms.protocol import DisplayStatus, display_status
 from wcms.server.models import PcInfo, Room
+from wcms.server.services.errors import Conflict, Invalid, NotFound
 from wcms.server.services.read_models import iso, summaries
 
 
@@ -87,7 +87,7 @@ def unassigned_pcs(session: Session) -> list[dict[str, Any]]:
 def get_room(session: Session, room_id: int) -> Room:
     room = session.get(Room, room_id)
     if room is None:
-        raise ApiError(404, ErrorCode.NOT_FOUND, f"no room with id {room_id}")
+        raise NotFound(f"no room with id {room_id}")
     return room
 
 
@@ -127,7 +127,7 @@ def _check_name_free(session: Session, name: str, room_id: int | None) -> None:
     key = name_key(name)
     for other_id, other_name in session.execute(select(Room.id, Room.name)):
         if other_id != room_id and name_key(other_name) == key:
-            raise ApiError(409, ErrorCode.CONFLICT, f"a room named {other_name!r} exists already")
+            raise Conflict(f"a room named {other_name!r} exists already")
 
 
 def create_room(session: Session, name: str, rows: int, cols: int, now: dt.datetime) -> Room:
@@ -158,9 +158,7 @@ def resize_room(session: Session, room: Room, rows: int, cols: int) -> None:
     if outside:
         names = ", ".join(f"{h} (row {r}, col {c})" for h, r, c in outside[:5])
         more = f" and {len(outside) - 5} more" if len(outside) > 5 else ""
-        raise ApiError(
-            409,
-            ErrorCode.CONFLICT,
+        raise Conflict(
             f"move these PCs first; their seats are outside {rows} x {cols}: {names}{more}",
         )
     room.rows, room.cols = rows, cols
@@ -184,7 +182,7 @@ def place_pc(
     A taken seat is refused unless `swap`: then its PC takes `pc`'s old place.
     """
     if not room.active:
-        raise ApiError(409, ErrorCode.CONFLICT, f"room {room.name!r} is retired")
+        raise Conflict(f"room {room.name!r} is retired")
     if (row is None) != (col is None):
         raise _invalid("row" if row is None else "col", "give both row and col, or neither")
     if row is not None and col is not None:
@@ -204,9 +202,7 @@ def place_pc(
             )
         ).scalar_one_or_none()
     if occupant is not None and not swap:
-        raise ApiError(
-            409,
-            ErrorCode.CONFLICT,
+        raise Conflict(
             f"row {row}, col {col} is taken by {occupant.hostname}",
             fields={"seat": f"taken by PC {occupant.id}"},
         )
@@ -233,5 +229,5 @@ def unassign_pc(session: Session, pc: PcInfo) -> Place:
     return old
 
 
-def _invalid(field: str, message: str) -> ApiError:
-    return ApiError(400, ErrorCode.VALIDATION, f"{field}: {message}", fields={field: message})
+def _invalid(field: str, message: str) -> Invalid:
+    return Invalid(f"{field}: {message}", fields={field: message})

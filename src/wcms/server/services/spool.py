@@ -184,7 +184,10 @@ _PC = table(PcInfo)
 
 
 def apply_kept(session: Session, signal: SpooledSignal) -> Transition | None:
-    """Apply one kept signal as of the time it arrived; commits. None when nothing changed.
+    """Apply one kept signal as of the time it arrived. None when nothing changed.
+
+    Commits: the replay forgets a signal from the journal on disk only after it is durable in
+    the database, one signal at a time.
 
     What the signal would have done then, as long as the PC has not been in contact since
     (`last_seen` after the signal: it came back, and the old signal must not turn it off): an

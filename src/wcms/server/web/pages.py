@@ -29,6 +29,7 @@ from flask.typing import ResponseReturnValue
 
 from wcms import __version__
 from wcms.protocol import DisplayStatus, PcState, PowerReason, PresenceMode, display_status
+from wcms.server.api.request import runtime
 from wcms.server.auth import (
     AdminIdentity,
     check_csrf,
@@ -45,7 +46,6 @@ from wcms.server.db import utcnow
 from wcms.server.errors import ApiError
 from wcms.server.hashpool import Busy
 from wcms.server.models import PcInfo, Room
-from wcms.server.runtime import runtime
 from wcms.server.services import accounts, audit, ratelimit
 from wcms.server.web import i18n
 
@@ -287,14 +287,14 @@ def login_post() -> ResponseReturnValue:
     # Taken before the password is checked, in one atomic step per limit (per address, per
     # user name, global), and given back when the login succeeds: only failures count.
     try:
-        attempt = rt.limits.take_all(ratelimit.login_rules(username, address))
+        attempt = rt.limiters.rates.take_all(ratelimit.login_rules(username, address))
     except ratelimit.Limited as limited:
         seconds = math.ceil(limited.retry_after)
         message = i18n.gettext("login.too_many", n=seconds)
         return _login_page(message, 429, **{"Retry-After": str(seconds)})
     try:
         admin = (
-            accounts.authenticate(s, username, password, partial(rt.hashpool.run, address))
+            accounts.authenticate(s, username, password, partial(rt.limiters.hashing.run, address))
             if username and password
             else None
         )
