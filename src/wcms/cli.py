@@ -10,6 +10,8 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from wcms.protocol import PIN_LENGTH
+
 EXIT_OK, EXIT_ERROR, EXIT_USAGE = 0, 1, 2
 
 
@@ -79,7 +81,7 @@ def _parser() -> argparse.ArgumentParser:
     ena.set_defaults(func=_admin_enable)
 
     pin = sub.add_parser("pin", help="registration PINs").add_subparsers(metavar="ACTION")
-    pc = pin.add_parser("create", help="create a 6-digit PIN and print it")
+    pc = pin.add_parser("create", help=f"create a {PIN_LENGTH}-digit PIN and print it")
     pc.add_argument("--multi", action="store_true", help="usable by many PCs until it expires")
     pc.add_argument("--expires", default="10m", help="lifetime, e.g. 90s, 10m, 2h, 1d")
     pc.add_argument(

@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from sqlalchemy.orm import Session
 
+from wcms.protocol import PIN_LENGTH
 from wcms.server.db import utcnow
 from wcms.server.runtime import Runtime
 from wcms.server.services import accounts
@@ -269,3 +270,18 @@ def test_every_key_the_pages_use_is_in_the_catalog() -> None:
     used |= set(re.findall(r'gettext\("([a-z_.]+)"', (WEB / "pages.py").read_text()))
     missing = sorted(k for k in used if k not in i18n.EN)
     assert not missing
+
+
+def test_an_unknown_name_costs_a_hash_with_the_real_parameters() -> None:
+    """The hash verified for an unknown user name is a constant: it must cost what a real
+    admin's hash costs (the same argon2 parameters), or timing would tell which names exist."""
+    from argon2 import PasswordHasher
+
+    assert not PasswordHasher().check_needs_rehash(accounts.DUMMY_HASH)
+    assert not accounts.password_matches(accounts.DUMMY_HASH, "a long test password")
+
+
+def test_the_pin_help_names_the_protocols_pin_length(client: Any, alice: None) -> None:
+    login(client)
+    html = client.get("/admin").get_data(as_text=True)
+    assert f"registers once with a {PIN_LENGTH}-digit PIN." in html

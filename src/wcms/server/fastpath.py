@@ -12,10 +12,11 @@ put back), so there is still one implementation of every edge case:
   the limit, a body that is not a JSON object, a query with a NUL in it;
 - a heartbeat that changes state (an event, the boot hardware, a PC not known to be online).
 
-Validation and authentication failures are answered here, as the same ApiError Flask would
-render. `answered` counts the requests answered here, so tests know which path answered:
-tests/server/test_fastpath_generated.py sends generated requests both ways and compares status,
-headers, bytes and rows written. `WCMS_AGENT_FAST_PATH=0` turns it off.
+Validation and authentication failures are answered here, mapped to HTTP by the same
+`errors.error_answer` Flask's handler uses. `answered` counts the requests answered here, so
+tests know which path answered: tests/server/test_fastpath_generated.py sends generated
+requests both ways and compares status, headers, bytes and rows written.
+`WCMS_AGENT_FAST_PATH=0` turns it off.
 """
 
 from __future__ import annotations

@@ -25,8 +25,14 @@ from wcms.server.services.errors import Conflict, Forbidden, Invalid
 _hasher = PasswordHasher()
 USERNAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 MIN_PASSWORD = 10
-# Verified against when the username is unknown, so timing does not tell which names exist.
-_DUMMY_HASH = _hasher.hash(secrets.token_urlsafe(16))
+# Verified against when the username is unknown, so timing does not tell which names exist:
+# the hash of a random password nobody kept, made once with the hasher's parameters (a test
+# keeps them equal). A constant, because hashing one at import cost every server start and
+# every `wcms` command a quarter of a second.
+DUMMY_HASH = (
+    "$argon2id$v=19$m=65536,t=3,p=4$7aHl/kqYEIagEgk+p7MsXA"
+    "$JV2PZwdtFRMVvisRJO3ob8zq2xwlMZoxUm7LmQkxtwQ"
+)
 
 
 Runner = Callable[..., Any]
@@ -57,7 +63,7 @@ def create_admin(session: Session, username: str, password: str, now: dt.datetim
         raise AccountError("username: 1-64 letters, digits, '.', '_' or '-'")
     validate_new_password(password)
     if session.execute(select(Admin.id).where(Admin.username == username)).first():
-        raise AccountError(f"admin {username!r} already exists")
+        raise Conflict(f"admin {username!r} already exists")
     admin = Admin(username=username, password_hash=_hasher.hash(password), created_at=now)
     session.add(admin)
     session.flush()
@@ -118,7 +124,7 @@ def authenticate(
     found = session.execute(select(Admin.id, Admin.password_hash).where(Admin.username == username))
     row = found.first()
     session.rollback()
-    if not run(password_matches, row.password_hash if row else _DUMMY_HASH, password):
+    if not run(password_matches, row.password_hash if row else DUMMY_HASH, password):
         return None
     admin = session.get(Admin, row.id) if row else None
     if admin is None or not admin.is_active:

@@ -8,7 +8,7 @@ from typing import Any
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from wcms.protocol import FINAL_COMMAND_STATUSES, CommandStatus, CommandType
+from wcms.protocol import FINAL_COMMAND_STATUSES, SECRET_ARGS, CommandStatus, CommandType
 from wcms.server.models import Command, CommandBatch, PcInfo
 from wcms.server.services import command_args
 from wcms.server.services.read_models import iso
@@ -35,7 +35,7 @@ def command_view(cmd: Command, hostname: str | None, with_output: bool = True) -
         "error": cmd.error,
     }
     if cmd.type in _WITH_PASSWORD:  # the password was never in args; show that there was one
-        view["args"] = command_args.redacted(cmd.args, {"password"})
+        view["args"] = command_args.redacted(cmd.args, SECRET_ARGS)
     if with_output:
         view["stdout"] = cmd.stdout
         view["stderr"] = cmd.stderr

@@ -221,7 +221,7 @@ EN: dict[str, str] = {
     # administration
     "admin.title": "Administration",
     "admin.pins": "Registration PINs",
-    "admin.pins_help": "A PC registers once with a 6-digit PIN. The PIN is shown only once.",
+    "admin.pins_help": "A PC registers once with a {n}-digit PIN. The PIN is shown only once.",
     "admin.expires_minutes": "Valid for (minutes)",
     "admin.pin_multi": "Many PCs",
     "admin.pin_approve": "Approve PCs at once",
@@ -491,7 +491,7 @@ KO: dict[str, str] = {
     "layout.pool_help": "PC를 여기에 놓으면 실습실에서 빠집니다.",
     "admin.title": "관리",
     "admin.pins": "등록 PIN",
-    "admin.pins_help": "PC는 6자리 PIN으로 한 번 등록합니다. PIN은 한 번만 표시됩니다.",
+    "admin.pins_help": "PC는 {n}자리 PIN으로 한 번 등록합니다. PIN은 한 번만 표시됩니다.",
     "admin.expires_minutes": "유효 시간 (분)",
     "admin.pin_multi": "여러 PC",
     "admin.pin_approve": "PC 바로 승인",

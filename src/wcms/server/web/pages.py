@@ -28,7 +28,14 @@ from flask import (
 from flask.typing import ResponseReturnValue
 
 from wcms import __version__
-from wcms.protocol import DisplayStatus, PcState, PowerReason, PresenceMode, display_status
+from wcms.protocol import (
+    PIN_LENGTH,
+    DisplayStatus,
+    PcState,
+    PowerReason,
+    PresenceMode,
+    display_status,
+)
 from wcms.server.api.request import runtime
 from wcms.server.auth import (
     AdminIdentity,
@@ -100,6 +107,7 @@ def _template_globals() -> dict[str, Any]:
         "languages": i18n.LANGUAGES,
         "csrf_token": csrf_token,
         "static_url": static_url,
+        "pin_length": PIN_LENGTH,
     }
 
 
