@@ -56,7 +56,9 @@ def add_agent(rt: Runtime, name: str) -> Agent:
         {"pin": "000000", "machine_id": f"TEST-{name}-0000", "hostname": name}
     )
     with rt.sessions() as s:
-        pc, token, _t = pc_service.register(s, req, utcnow(), rt.timing.offline_after, approve=True)
+        pc, token, _t = pc_service.register(
+            s, req, utcnow(), rt.presence.timing.offline_after, approve=True
+        )
         s.commit()
         agent = Agent(pc.id, pc.machine_id, token)
     rt.buffer.set_online(agent.pc_id, True)

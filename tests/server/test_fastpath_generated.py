@@ -109,7 +109,7 @@ def _register_again(rt: Runtime, first: Agent) -> Agent:
     )
     with rt.sessions() as s:
         pc, token, _t = pc_service.register(
-            s, req, utcnow(), rt.timing.offline_after, token=first.token, approve=True
+            s, req, utcnow(), rt.presence.timing.offline_after, token=first.token, approve=True
         )
         s.commit()
     rt.forget_tokens(pc.id)

@@ -453,10 +453,11 @@ def test_two_requests_racing_for_the_last_token_of_a_limit_one_passes(rt: Runtim
     rule = Rule(per_minute=60, burst=1)  # one request a second, no burst
     for i, duel in enumerate(rounds("UPDATE RATE_LIMITS")):
         key, now = f"race-{i}", 1000.0
-        assert rt.limits.take(key, rule, now=now) == 0  # the bucket exists, refills at now+1
+        # The bucket exists and refills at now+1.
+        assert rt.limiters.rates.take(key, rule, now=now) == 0
 
         def take(key: str = key, now: float = now) -> float:
-            return rt.limits.take(key, rule, now=now + 1)
+            return rt.limiters.rates.take(key, rule, now=now + 1)
 
         waits = no_errors(duel.run(take, take))
         assert sorted(w == 0 for w in waits) == [False, True], (i, waits)

@@ -103,11 +103,11 @@ def test_guessing_is_rate_limited_but_a_room_behind_one_address_is_not(
 def test_shared_limit_takes_atomically_gives_back_and_refills(rt: Runtime) -> None:
     rule = ratelimit.Rule(per_minute=6, burst=3)
     for _ in range(3):
-        assert rt.limits.take("a", rule, now=1000.0) == 0
-    assert rt.limits.take("a", rule, now=1000.0) == pytest.approx(10.0)
-    assert rt.limits.take("b", rule, now=1000.0) == 0  # other keys are untouched
-    rt.limits.give_back("a", rule)  # a success gives its try back
-    assert rt.limits.take("a", rule, now=1000.0) == 0
-    assert rt.limits.take("a", rule, now=1000.0) > 0
-    assert rt.limits.take("a", rule, now=1010.0) == 0  # one failure's worth refilled
-    assert rt.limits.prune(now=2000.0) == 2  # refilled buckets hold nothing: forgotten
+        assert rt.limiters.rates.take("a", rule, now=1000.0) == 0
+    assert rt.limiters.rates.take("a", rule, now=1000.0) == pytest.approx(10.0)
+    assert rt.limiters.rates.take("b", rule, now=1000.0) == 0  # other keys are untouched
+    rt.limiters.rates.give_back("a", rule)  # a success gives its try back
+    assert rt.limiters.rates.take("a", rule, now=1000.0) == 0
+    assert rt.limiters.rates.take("a", rule, now=1000.0) > 0
+    assert rt.limiters.rates.take("a", rule, now=1010.0) == 0  # one failure's worth refilled
+    assert rt.limiters.rates.prune(now=2000.0) == 2  # refilled buckets hold nothing: forgotten

@@ -148,24 +148,6 @@ class Runtime:
         self.presence = PresenceSettings(self.settings)
         self.limiters = Limiters(self.engine, self.settings.hash_nice)
 
-    @property
-    def limits(self) -> Limits:
-        """The shared rate limits (limiters.rates)."""
-        return self.limiters.rates
-
-    @property
-    def hashpool(self) -> HashPool:
-        """argon2 off the request path (limiters.hashing)."""
-        return self.limiters.hashing
-
-    @property
-    def mode(self) -> PresenceMode:
-        return self.presence.mode
-
-    @property
-    def timing(self) -> PresenceTiming:
-        return self.presence.timing
-
     def forget_tokens(self, pc_id: int) -> None:
         """A PC's token was revoked (it registered again, or was deleted): drop it from the
         cache and wake the PC's waiting polls, which check their token and answer 401 if it
@@ -174,7 +156,7 @@ class Runtime:
         self.doorbell.revoke([pc_id])
 
     def wire_config(self) -> dict[str, Any]:
-        return {**self.timing.as_wire(), "presence_mode": str(self.mode)}
+        return {**self.presence.timing.as_wire(), "presence_mode": str(self.presence.mode)}
 
     def agent_answer(self, body: dict[str, Any]) -> dict[str, Any]:
         """An answer to a PC: every one carries the timing, so clients follow a mode change."""
@@ -226,7 +208,9 @@ class Runtime:
         # only a few PCs call, they wait up to a second, so a batch is not a handful of rows.
         max_wait = max(FLUSH_MAX_WAIT, self.settings.flush_interval)
         db_away = False  # logged once per outage, not at every try
-        while not self._stop.wait(min(self.settings.flush_interval, self.timing.check_interval)):
+        while not self._stop.wait(
+            min(self.settings.flush_interval, self.presence.timing.check_interval)
+        ):
             mono = time.monotonic()
             due = mono >= next_check
             full = (
@@ -253,7 +237,7 @@ class Runtime:
                     name = type(exc).__name__
                     log.warning("the database is away (%s); the loop keeps trying", name)
             if due:
-                next_check = mono + self.timing.check_interval
+                next_check = mono + self.presence.timing.check_interval
 
     def prune(self, now: dt.datetime) -> dict[str, int]:
         """Delete rows past their retention (metric samples, power events, dead PINs)."""
@@ -261,7 +245,7 @@ class Runtime:
             counts = retention.prune(
                 s, now, self.settings.metrics_retention_days, self.settings.events_retention_days
             )
-        counts["rate_limits"] = self.limits.prune(now.timestamp())
+        counts["rate_limits"] = self.limiters.rates.prune(now.timestamp())
         if any(counts.values()):
             log.info("retention: deleted %s", counts)
         return counts
@@ -273,7 +257,7 @@ class Runtime:
         The replay comes first and raises while the database is away, so a PC whose signal
         waits on disk is never judged `lost` before its signal is applied."""
         self.replay_shutdowns()
-        timing = self.timing
+        timing = self.presence.timing
         with self.sessions() as s:
             self.outbox.flush(s)
             changed = self.buffer.flush(s, timing.offline_after)

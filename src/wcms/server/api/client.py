@@ -66,7 +66,7 @@ def register() -> ResponseReturnValue:
         raise
     try:
         pc, token, transition = pc_service.register(
-            s, req, now, rt.timing.offline_after, token=bearer(), approve=pin.auto_approve
+            s, req, now, rt.presence.timing.offline_after, token=bearer(), approve=pin.auto_approve
         )
         s.commit()
     except IntegrityError:  # the same machine registering twice at the same instant
@@ -98,7 +98,7 @@ def heartbeat() -> ResponseReturnValue:
     pc = s.get(PcInfo, who.pc_id)
     if pc is None:
         raise Unauthenticated("this PC was deleted; register again")
-    transition = pc_service.apply_heartbeat(s, pc, hb, now, rt.timing.offline_after)
+    transition = pc_service.apply_heartbeat(s, pc, hb, now, rt.presence.timing.offline_after)
     rt.buffer.set_online(who.pc_id, True)
     rt.publish(transition)
     if transition is None and hb.event is not None:

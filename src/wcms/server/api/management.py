@@ -264,7 +264,7 @@ class SettingsUpdate(Strict):
 @documented("Presence mode and its timing", auth="admin", tag="admin")
 def get_settings() -> ResponseReturnValue:
     rt = runtime()
-    return jsonify({"presence_mode": str(rt.mode), "timing": rt.timing.as_wire()})
+    return jsonify({"presence_mode": str(rt.presence.mode), "timing": rt.presence.timing.as_wire()})
 
 
 @bp.put("/settings")
@@ -286,7 +286,7 @@ def put_settings() -> ResponseReturnValue:
     s.commit()
     rt = runtime()
     rt.presence.changed(PresenceMode(req.presence_mode))
-    return jsonify({"presence_mode": str(rt.mode), "timing": rt.timing.as_wire()})
+    return jsonify({"presence_mode": str(rt.presence.mode), "timing": rt.presence.timing.as_wire()})
 
 
 @bp.get("/audit")

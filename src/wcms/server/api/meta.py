@@ -32,7 +32,7 @@ def healthz() -> ResponseReturnValue:
         "database": database,
         "version": __version__,
         "api_version": API_VERSION,
-        "presence_mode": str(rt.mode),
+        "presence_mode": str(rt.presence.mode),
         "buffered_heartbeats": rt.buffer.pending_count(),
         # Shutdown signals kept on disk while the database was away, not yet applied.
         "kept_shutdown_signals": rt.spool.pending,

@@ -181,7 +181,7 @@ def _wait(
     query: PollQuery,
     digest: str | None,
 ) -> list[dict[str, Any]]:
-    limit = rt.timing.poll_timeout
+    limit = rt.presence.timing.poll_timeout
     wait = limit if query.timeout is None else min(query.timeout, limit)
     wait *= random.uniform(0.6, 1.0)  # polls that start together end apart (docs/API.md)
     _contact(rt, db, who, utcnow(), query.boot_time)
@@ -222,7 +222,7 @@ def _contact(
     if pc is None:
         raise Unauthenticated(_DELETED)
     hb = HeartbeatRequest(machine_id=who.machine_id, boot_time=boot_time)
-    transition = pc_service.apply_heartbeat(s, pc, hb, now, rt.timing.offline_after)
+    transition = pc_service.apply_heartbeat(s, pc, hb, now, rt.presence.timing.offline_after)
     rt.buffer.set_online(who.pc_id, True)
     rt.publish(transition)
 
