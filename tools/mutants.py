@@ -60,9 +60,50 @@ GUARDS = [
     Guard(
         "mark-online",
         PCS,
-        ".where(pc_table.c.id == pc_id, pc_table.c.state == PcState.OFFLINE)",
-        ".where(pc_table.c.id == pc_id)",
+        "guard = [pc_table.c.id == pc_id, pc_table.c.state == PcState.OFFLINE]",
+        "guard = [pc_table.c.id == pc_id]",
         (f"{RACES}::test_two_heartbeats_bring_an_offline_pc_back_once",),
+    ),
+    Guard(
+        "signed-off-return",
+        PCS,
+        "        guard.append(pc_table.c.reason.not_in(SHUTDOWN_REASONS))\n",
+        "        pass\n",
+        (
+            f"{RACES}::test_a_poll_reviving_a_lost_pc_racing_its_shutdown_signal_ends_off",
+            "tests/server/test_client_api.py::"
+            "test_a_late_heartbeat_or_poll_of_an_agent_that_signed_off_does_not_revive_it",
+        ),
+    ),
+    Guard(
+        "contact-online-only",
+        PCS,
+        "update(_PC).where(_PC.c.id == pc_id, _PC.c.state == PcState.ONLINE).values(contact)",
+        "update(_PC).where(_PC.c.id == pc_id).values(contact)",
+        (f"{RACES}::test_a_plain_heartbeat_racing_the_shutdown_signal_never_outlives_it",),
+    ),
+    Guard(
+        "signal-reason-offline-only",
+        PCS,
+        "offline = (_PC.c.machine_id == machine_id, _PC.c.state == PcState.OFFLINE)",
+        "offline = (_PC.c.machine_id == machine_id,)",
+        (
+            "tests/server/test_presence.py::"
+            "test_a_pc_back_online_between_the_signals_two_statements_goes_off",
+            f"{RACES}::test_a_poll_reviving_a_lost_pc_racing_its_shutdown_signal_ends_off",
+        ),
+    ),
+    Guard(
+        "announce-only-when-running",
+        "src/wcms/client/main.py",
+        """            if self._final is not None or self._sleeping:
+                return
+""",
+        "",
+        (
+            "tests/client/test_decisions.py::"
+            "test_signed_off_answers_a_late_heartbeat_quietly_and_a_running_agent_by_announcing",
+        ),
     ),
     Guard(
         "shutdown-signal",

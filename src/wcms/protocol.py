@@ -91,6 +91,13 @@ class ClientEvent(StrEnum):
     LOGOFF = "logoff"
 
 
+# After a PC sent the shutdown signal (any of SHUTDOWN_REASONS), the agent that sent it has
+# ended or is asleep, so only a heartbeat carrying one of these brings the PC back online. A
+# poll or plain heartbeat that agent had in flight as it signed off is late, not a return: the
+# server answers it 409 `signed_off`, and the PC stays off.
+COMEBACK_EVENTS = frozenset({ClientEvent.BOOT, ClientEvent.RESUME})
+
+
 class DisplayStatus(StrEnum):
     """What the dashboard shows, derived from (state, reason)."""
 
@@ -385,6 +392,7 @@ class ErrorCode(StrEnum):
     METHOD_NOT_ALLOWED = "method_not_allowed"
     CONFLICT = "conflict"
     MACHINE_REGISTERED = "machine_registered"  # re-registration needs the token or an admin
+    SIGNED_OFF = "signed_off"  # 409: this PC said it was going; boot or resume brings it back
     DATABASE_UNAVAILABLE = "database_unavailable"  # 503: the database does not answer
     CLIENT_DISCONNECTED = "client_disconnected"  # 400: the client closed mid-body
     REQUEST_TIMEOUT = "request_timeout"  # 408: headers or body missed their deadline

@@ -55,6 +55,7 @@ def test_heartbeat_jitter_only_shortens_the_wait() -> None:
         (http.ApiError(404, "not_found", "no route"), Decision.SLOW_RETRY),
         (http.ApiError(409, "conflict", "raced"), Decision.SLOW_RETRY),
         (http.ApiError(409, "machine_registered", "ask an admin"), Decision.AWAIT_ADMIN),
+        (http.ApiError(409, "signed_off", "boot or resume"), Decision.ANNOUNCE),
     ],
 )
 def test_what_an_error_means(error: http.HttpError, decision: Decision) -> None:
@@ -106,9 +107,56 @@ def test_sleep_pauses_until_resume(plat: TmpPlatform, tmp_path: Path, closed_por
     agent.stop(PowerReason.SLEEP)  # a second sleep signal is not sent
     agent.report(ClientEvent.RESUME)
     assert agent._awake.is_set()
+    # The boot was never reported (no server here): it goes first, then the resume.
     assert list(agent._events) == [ClientEvent.BOOT, ClientEvent.RESUME]
     agent.stop(PowerReason.SHUTDOWN)
     assert agent.run() is PowerReason.SHUTDOWN
+
+
+def test_a_resume_goes_before_logons_queued_while_asleep(
+    plat: TmpPlatform, tmp_path: Path, closed_port: int
+) -> None:
+    """After a sleep signal only a heartbeat saying resume brings the PC back (the server
+    refuses others as `signed_off`), so it is sent before a logon that waited meanwhile."""
+    agent = _agent(plat, tmp_path, closed_port)
+    agent.token = "wcms_pc_x"
+    agent._events.clear()  # the boot was reported
+    agent.report(ClientEvent.LOGON)
+    agent.stop(PowerReason.SLEEP)
+    agent.report(ClientEvent.RESUME)
+    assert list(agent._events) == [ClientEvent.RESUME, ClientEvent.LOGON]
+
+
+SIGNED_OFF = http.ApiError(409, "signed_off", "this PC signed off (shutdown)")
+
+
+def test_signed_off_answers_a_late_heartbeat_quietly_and_a_running_agent_by_announcing(
+    plat: TmpPlatform, tmp_path: Path, closed_port: int
+) -> None:
+    """`signed_off` to the heartbeat the loop had in flight as stop() sent the signal: the
+    agent is ending and queues nothing. To an agent that is running (its identity was copied
+    to a process that signed off): it says it is here, with event boot, after a short wait."""
+    running = _agent(plat, tmp_path / "a", closed_port)
+    running._events.clear()
+    delay = running._after_failure(SIGNED_OFF)
+    assert list(running._events) == [ClientEvent.BOOT]
+    assert delay <= 1.0  # the first back-off step, not the minute of a refused request
+    running._after_failure(SIGNED_OFF)
+    assert list(running._events) == [ClientEvent.BOOT]  # once
+
+    ending = _agent(plat, tmp_path / "b", closed_port)
+    ending.token = "wcms_pc_x"
+    ending._events.clear()
+    ending.stop(PowerReason.SHUTDOWN)
+    ending._after_failure(SIGNED_OFF)
+    assert list(ending._events) == []
+
+    asleep = _agent(plat, tmp_path / "c", closed_port)
+    asleep.token = "wcms_pc_x"
+    asleep._events.clear()
+    asleep.stop(PowerReason.SLEEP)
+    asleep._after_failure(SIGNED_OFF)
+    assert list(asleep._events) == []
 
 
 def test_seed_helper_without_registration(

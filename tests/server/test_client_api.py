@@ -125,6 +125,35 @@ def test_coming_back_records_boot_resume_or_reconnect(live_server: LiveServer) -
     ]
 
 
+def test_a_late_heartbeat_or_poll_of_an_agent_that_signed_off_does_not_revive_it(
+    live_server: LiveServer,
+) -> None:
+    """What an agent had in flight as it sent the shutdown signal arrives after it: a plain
+    heartbeat, a logon, a poll. None of them is a return (409 `signed_off`, nothing written);
+    only a heartbeat saying boot or resume is."""
+    comeback = {"shutdown": "boot", "restart": "boot", "agent_stopped": "boot", "sleep": "resume"}
+    for reason, event in comeback.items():
+        pc = register_pc(live_server)
+        assert hb(live_server, pc, boot_time=1000.0)[0] == 200
+        assert shutdown(live_server, pc, reason=reason)[0] == 200
+        signed = live_server.get_pc(pc["machine_id"])
+        late = [
+            hb(live_server, pc, cpu_percent=5.0, boot_time=1000.0),
+            hb(live_server, pc, event="logon", current_user="kim"),
+            live_server.api(
+                "GET",
+                f"/api/client/commands?machine_id={pc['machine_id']}&timeout=0&boot_time=1000",
+                token=pc["token"],
+            ),
+        ]
+        for status, body in late:
+            assert status == 409 and body["error"]["code"] == "signed_off", (reason, body)
+        assert live_server.get_pc(pc["machine_id"]) == signed, reason  # nothing written
+        assert hb(live_server, pc, event=event, boot_time=5000.0)[0] == 200
+        back = live_server.get_pc(pc["machine_id"])
+        assert (back["state"], back["reason"]) == ("online", event), reason
+
+
 def test_heartbeat_metrics_reach_the_admin_api(live_server: LiveServer) -> None:
     pc = register_pc(live_server)
     status, body = hb(

@@ -79,7 +79,9 @@ def test_an_idle_poll_answers_empty_at_the_servers_poll_timeout(make_server: Any
     assert 0.55 < elapsed < 3  # a uniform 0.6-1.0 of the poll timeout (docs/API.md)
 
 
-def test_a_poll_is_contact_and_brings_an_offline_pc_back(live_server: LiveServer) -> None:
+def test_a_poll_is_contact_but_not_a_return_after_the_shutdown_signal(
+    live_server: LiveServer,
+) -> None:
     pc = register_pc(live_server)
     before = live_server.get_pc(pc["machine_id"])
     assert before is not None
@@ -91,6 +93,14 @@ def test_a_poll_is_contact_and_brings_an_offline_pc_back(live_server: LiveServer
         time.sleep(0.05)
     body = {"machine_id": pc["machine_id"], "reason": "shutdown"}
     assert live_server.api("POST", "/api/client/shutdown", body, token=pc["token"])[0] == 200
+    # A poll the agent had in flight as it signed off: refused, and the PC stays off.
+    status, answer = poll(live_server, pc, timeout=0)
+    assert status == 409 and answer["error"]["code"] == "signed_off"
+    after = live_server.get_pc(pc["machine_id"])
+    assert after is not None and (after["state"], after["reason"]) == ("offline", "shutdown")
+    # The next boot's heartbeat brings it back; its polls are contact again.
+    body = {"machine_id": pc["machine_id"], "event": "boot", "boot_time": 2000.0}
+    assert live_server.api("POST", "/api/client/heartbeat", body, token=pc["token"])[0] == 200
     assert poll(live_server, pc, timeout=0)[0] == 200
     after = live_server.get_pc(pc["machine_id"])
     assert after is not None and (after["state"], after["reason"]) == ("online", "boot")

@@ -8,7 +8,8 @@ import multiprocessing
 import threading
 from typing import Any
 
-from sqlalchemy import func, select
+import pytest
+from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from wcms.server.db import utcnow
@@ -142,6 +143,43 @@ def test_shutdown_signal_is_idempotent_and_keeps_the_freshest_reason(session: Se
     # The checker never touches an offline PC.
     assert pc_service.mark_overdue_lost(session, at + dt.timedelta(hours=1), retry_in=5) == []
     assert pc_service.set_offline_immediately(session, "NO-SUCH-PC-01", "shutdown", at) is None
+
+
+def test_a_pc_back_online_between_the_signals_two_statements_goes_off(
+    session: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The signal finds a lost PC (its flip of an online PC moves nothing) and, before it writes
+    the reason, the PC's late poll brings it back (another process, on PostgreSQL). The signal
+    must not write `shutdown` on an online PC: it turns it off. The revival is made on the
+    signal's own connection, which sees it as it would see another's commit."""
+    pc = add_pc(session, "PC-BACK-0001")
+    lost_at = T0 + dt.timedelta(minutes=5)
+    assert pc_service.mark_overdue_lost(session, lost_at, retry_in=5)
+    real = pc_service._RAW_GO_OFFLINE
+    back_at = lost_at + dt.timedelta(seconds=5)
+
+    class RevivedMeanwhile:
+        def fetch(self, conn: Any, params: dict[str, Any]) -> Any:
+            moved = real.fetch(conn, params)
+            if not moved:
+                conn.execute(
+                    update(PcInfo)
+                    .where(PcInfo.id == pc.id)
+                    .values(state="online", is_online=True, reason="reconnected")
+                )
+                monkeypatch.setattr(pc_service, "_RAW_GO_OFFLINE", real)
+            return moved
+
+    monkeypatch.setattr(pc_service, "_RAW_GO_OFFLINE", RevivedMeanwhile())
+    signal_at = back_at + dt.timedelta(seconds=1)
+    t = pc_service.set_offline_immediately(session, pc.machine_id, "shutdown", signal_at)
+    assert t is not None and (t.from_state, t.to_state, t.reason) == (
+        "online",
+        "offline",
+        "shutdown",
+    )
+    session.expire_all()
+    assert (pc.state, pc.reason, pc.offline_after) == ("offline", "shutdown", None)
 
 
 def test_buffered_heartbeat_older_than_a_shutdown_does_not_revive(rt: Runtime) -> None:

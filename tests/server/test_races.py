@@ -26,6 +26,7 @@ from tests.server.test_command_queue import SECRET, add_pc, deliver, later, send
 from wcms.protocol import CommandStatus, CommandType, PcState
 from wcms.server.models import Command, CommandBatch, PcInfo, PowerEvent
 from wcms.server.runtime import Runtime
+from wcms.server.schemas import HeartbeatRequest
 from wcms.server.services import accounts, command_queue, outbox, pc_service, spool
 from wcms.server.services.command_queue import Report
 from wcms.server.services.ratelimit import Rule
@@ -237,6 +238,95 @@ def test_a_kept_signal_replayed_as_its_pc_comes_back_never_turns_it_off(
         back = session.get(PcInfo, pc.id)
         assert back is not None
         assert back.state == PcState.ONLINE, (i, back.reason)
+
+
+class _GatedFetch:
+    """The shutdown signal's flip (run on the driver's cursor) inside the duel's checkpoint."""
+
+    def __init__(self, real: Any, duel: Duel) -> None:
+        self.real, self.duel = real, duel
+
+    def fetch(self, conn: Any, params: dict[str, Any]) -> Any:
+        with self.duel.checkpoint():
+            return self.real.fetch(conn, params)
+
+
+def _plain_contact(rt: Runtime, pc_id: int, at: dt.datetime) -> Callable[[], Any]:
+    """A poll or plain heartbeat (no event), as the agent had in flight when it signed off."""
+
+    def call() -> bool:
+        with rt.sessions() as s:
+            mine = s.get(PcInfo, pc_id)
+            assert mine is not None
+            hb = HeartbeatRequest(machine_id=mine.machine_id, boot_time=1000.0)
+            pc_service.apply_heartbeat(s, mine, hb, at, 35)
+            return True
+
+    return call
+
+
+def _signal(rt: Runtime, machine_id: str, at: dt.datetime) -> Callable[[], Any]:
+    def call() -> bool:
+        with rt.sessions() as s:
+            return pc_service.set_offline_immediately(s, machine_id, "shutdown", at) is not None
+
+    return call
+
+
+def test_a_plain_heartbeat_racing_the_shutdown_signal_never_outlives_it(
+    rt: Runtime, session: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An online PC: its agent's last heartbeat and its shutdown signal at once. Either order
+    ends offline with reason `shutdown` and no deadline; a heartbeat that came second is
+    refused (SignedOff) and writes nothing."""
+    real = pc_service._RAW_GO_OFFLINE
+    for i, duel in enumerate(rounds("UPDATE PC_INFO")):
+        monkeypatch.setattr(pc_service, "_RAW_GO_OFFLINE", _GatedFetch(real, duel))
+        pc = add_pc(session, f"late{i}")
+        at = later(100 * (i + 1))
+        signal = _signal(rt, pc.machine_id, at)
+        results = duel.run(signal, _plain_contact(rt, pc.id, at + dt.timedelta(seconds=1)))
+        assert results[0] is True, (i, results)
+        assert results[1] is True or isinstance(results[1], pc_service.SignedOff), (i, results)
+        session.expire_all()
+        off = session.get(PcInfo, pc.id)
+        assert off is not None
+        assert (off.state, off.reason, off.offline_after) == ("offline", "shutdown", None), i
+        assert count_events(session, pc.id, "shutdown") == 1
+
+
+def test_a_poll_reviving_a_lost_pc_racing_its_shutdown_signal_ends_off(
+    rt: Runtime, session: Session, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A lost PC (its cable was out) sends the shutdown signal as a poll it had in flight
+    arrives: whichever runs first, the signal is the last word and the PC ends offline with
+    reason `shutdown`. The signal meets the poll at its first statement, the flip of an online
+    PC (which finds it lost, and then gives it the reason `shutdown`): the poll either revives
+    the PC before that (and the signal turns it off again) or meets the reason and stays out."""
+    real = pc_service._RAW_GO_OFFLINE
+    for i, duel in enumerate(rounds("UPDATE PC_INFO")):
+        monkeypatch.setattr(pc_service, "_RAW_GO_OFFLINE", _GatedFetch(real, duel))
+        start = later(10_000 * (i + 1))
+        pc = add_pc(session, f"lostsig{i}")
+        session.execute(
+            update(PcInfo)
+            .where(PcInfo.id == pc.id)
+            .values(last_seen=start, offline_after=start + dt.timedelta(seconds=35))
+        )
+        session.commit()
+        pc_service.mark_overdue_lost(session, start + dt.timedelta(seconds=40), retry_in=5)
+        at = start + dt.timedelta(seconds=50)
+        signal = _signal(rt, pc.machine_id, at)
+        results = duel.run(signal, _plain_contact(rt, pc.id, at))
+        assert results[0] is True, (i, results)
+        assert results[1] is True or isinstance(results[1], pc_service.SignedOff), (i, results)
+        session.expire_all()
+        off = session.get(PcInfo, pc.id)
+        assert off is not None
+        assert (off.state, off.reason, off.offline_after) == ("offline", "shutdown", None), (
+            i,
+            results,
+        )
 
 
 # ---------------------------------------------------------------------------- commands

@@ -34,7 +34,15 @@ from wcms.client.identity import (
     write_state,
 )
 from wcms.client.platform.base import Platform
-from wcms.protocol import CLIENT_PREFIX, PRESETS, ClientEvent, ErrorCode, PowerReason, PresenceMode
+from wcms.protocol import (
+    CLIENT_PREFIX,
+    COMEBACK_EVENTS,
+    PRESETS,
+    ClientEvent,
+    ErrorCode,
+    PowerReason,
+    PresenceMode,
+)
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +68,7 @@ class Decision(StrEnum):
     REREGISTER = "reregister"  # the token is not ours (any more): throw it away, register
     SLOW_RETRY = "slow_retry"  # the server refused the request itself
     AWAIT_ADMIN = "await_admin"  # registered already: an admin must allow it to register again
+    ANNOUNCE = "announce"  # the server holds us signed off: say we are here (event boot)
 
 
 class Agent:
@@ -153,7 +162,10 @@ class Agent:
                 self._sleeping = False
                 if self.commands is not None:
                     self.commands.resume()
-            self._events.append(event)
+            if event in COMEBACK_EVENTS and not any(e in COMEBACK_EVENTS for e in self._events):
+                self._events.appendleft(event)  # before logons: only it brings the PC back
+            else:
+                self._events.append(event)
             self._awake.set()
             self._wake.set()
 
@@ -285,6 +297,9 @@ class Agent:
                 delay,
             )
             return delay
+        if decision is Decision.ANNOUNCE:
+            self._announce()
+            return backoff_delay(self._failures - 1, self._rand)
         if decision is Decision.SLOW_RETRY:
             delay = jittered(SLOW_RETRY, self._rand)
             log.error("The server refused the request: %s; trying again in %.0f s", exc, delay)
@@ -294,6 +309,19 @@ class Agent:
             delay = max(delay, exc.retry_after)
         log.warning("Server unavailable (%s); retrying in %.1f s", exc, delay)
         return delay
+
+    def _announce(self) -> None:
+        """The server says this PC signed off, without a return since. Mostly that answers a
+        heartbeat in flight as stop() sent the signal: stop() holds the lock until it is done,
+        and then the agent is ending or asleep and says nothing. An agent still running (its
+        identity copied to a second process that signed off) says it is here, with event boot
+        (the server tells a reconnection from a boot by the boot time)."""
+        with self._stop_lock:
+            if self._final is not None or self._sleeping:
+                return
+            if not any(e in COMEBACK_EVENTS for e in self._events):
+                log.warning("The server holds this PC signed off: announcing it is running")
+                self._events.appendleft(ClientEvent.BOOT)
 
 
 # ---------------------------------------------------------------------------- the shutdown signal
@@ -366,6 +394,8 @@ def decide(exc: http.HttpError) -> Decision:
         return Decision.REREGISTER
     if exc.code == ErrorCode.MACHINE_REGISTERED:
         return Decision.AWAIT_ADMIN
+    if exc.code == ErrorCode.SIGNED_OFF:
+        return Decision.ANNOUNCE
     return Decision.SLOW_RETRY
 
 

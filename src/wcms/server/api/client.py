@@ -85,7 +85,12 @@ def register() -> ResponseReturnValue:
 
 @bp.post("/heartbeat")
 @documented(
-    "Report load and events; keeps the PC online", auth="pc", tag="client", body=HeartbeatRequest
+    "Report load and events; keeps the PC online. After the PC's shutdown signal only event "
+    "`boot` or `resume` brings it back; other heartbeats answer 409 `signed_off`",
+    auth="pc",
+    tag="client",
+    body=HeartbeatRequest,
+    errors=(409,),
 )
 def heartbeat() -> ResponseReturnValue:
     hb = parse_body(HeartbeatRequest)

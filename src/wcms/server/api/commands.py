@@ -79,6 +79,7 @@ def _answer(body: dict[str, Any], status: int = 200) -> ResponseReturnValue:
         "timeout": "seconds to wait when nothing is pending; at most the server's poll_timeout",
         "boot_time": "the PC's boot time (epoch s): power commands queued before it expire",
     },
+    errors=(409,),
 )
 def poll() -> ResponseReturnValue:
     query = parse(PollQuery, request.args.to_dict())

@@ -251,7 +251,11 @@ class HeartbeatBuffer:
                 self.set_online(pc.id, False)  # the heartbeat predates the shutdown: drop it
                 continue
             self._lists_written.pop(pc.id, None)
-            t = pc_service.apply_heartbeat(session, pc, p.hb, p.at, offline_after)
+            try:
+                t = pc_service.apply_heartbeat(session, pc, p.hb, p.at, offline_after)
+            except pc_service.SignedOff:  # from an agent that signed off: drop it
+                self.set_online(pc.id, False)
+                continue
             if t is not None:
                 revived.append(t)
         session.commit()

@@ -13,15 +13,24 @@ import secrets
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import bindparam, insert, select, update
+from sqlalchemy import bindparam, insert, or_, select, update
 from sqlalchemy.orm import Session
 
-from wcms.protocol import TOKEN_PREFIX_PC, ClientEvent, ErrorCode, PcState, PowerReason, wire_time
+from wcms.protocol import (
+    COMEBACK_EVENTS,
+    SHUTDOWN_REASONS,
+    TOKEN_PREFIX_PC,
+    ClientEvent,
+    ErrorCode,
+    PcState,
+    PowerReason,
+    wire_time,
+)
 from wcms.server.db import BatchStatement, affected, table
 from wcms.server.models import PcCredential, PcInfo, PcMetrics, PowerEvent
 from wcms.server.schemas import Hardware, HeartbeatRequest, RegisterRequest
 from wcms.server.services.accounts import sha256
-from wcms.server.services.errors import Conflict
+from wcms.server.services.errors import Conflict, Unauthenticated
 
 log = logging.getLogger(__name__)
 
@@ -97,30 +106,40 @@ def set_offline_immediately(
     """
     # The hot path runs on the driver's cursor (db.BatchStatement): the same SQL and values
     # SQLAlchemy would send, without its per-statement work (bench/shutdown_latency.py).
-    moved = _RAW_GO_OFFLINE.fetch(
-        session.connection(), {"b_mid": machine_id, "b_reason": reason, "b_now": now}
-    )
-    if moved:
-        t = _event(session, Transition(moved[0][0], PcState.ONLINE, PcState.OFFLINE, reason, now))
-        session.commit()
-        return t
-    # Already offline: keep the freshest reason (a late "shutdown" after "lost" is the truth).
-    pc = session.execute(
-        select(PcInfo)
-        .where(PcInfo.machine_id == machine_id)
-        .execution_options(populate_existing=True)  # the UPDATE above bypassed the ORM
-    ).scalar_one_or_none()
-    if pc is None:
-        session.rollback()
-        return None
-    pc.last_seen = now
-    changed = None
-    if pc.reason != reason:
-        pc.reason = reason
-        pc.state_since = now
-        changed = _event(session, Transition(pc.id, PcState.OFFLINE, PcState.OFFLINE, reason, now))
-    session.commit()
-    return changed
+    conn = session.connection()
+    for _ in range(2):  # a second time if it came back online between our two statements
+        moved = _RAW_GO_OFFLINE.fetch(conn, {"b_mid": machine_id, "b_reason": reason, "b_now": now})
+        if moved:
+            t = Transition(moved[0][0], PcState.ONLINE, PcState.OFFLINE, reason, now)
+            _event(session, t)
+            session.commit()
+            return t
+        # Already offline: keep the freshest reason (a late "shutdown" after "lost" is the
+        # truth). Both UPDATEs hold to an offline PC: one that came back meanwhile goes off.
+        offline = (_PC.c.machine_id == machine_id, _PC.c.state == PcState.OFFLINE)
+        other = or_(_PC.c.reason.is_(None), _PC.c.reason != reason)
+        changed = conn.execute(
+            update(_PC)
+            .where(*offline, other)
+            .values(reason=reason, state_since=now, last_seen=now)
+            .returning(_PC.c.id)
+        ).first()
+        if changed is not None:
+            t = Transition(changed[0], PcState.OFFLINE, PcState.OFFLINE, reason, now)
+            _event(session, t)
+            session.commit()
+            return t
+        same = conn.execute(
+            update(_PC).where(*offline).values(last_seen=now).returning(_PC.c.id)
+        ).first()
+        if same is not None:
+            session.commit()
+            return None
+        known = conn.execute(select(_PC.c.id).where(_PC.c.machine_id == machine_id)).first()
+        if known is None:
+            break
+    session.rollback()
+    return None
 
 
 def back_online_reason(pc: PcInfo, event: ClientEvent | None, boot_time: float | None) -> str:
@@ -133,15 +152,36 @@ def back_online_reason(pc: PcInfo, event: ClientEvent | None, boot_time: float |
     return PowerReason.BOOT
 
 
+class SignedOff(Conflict):
+    """Contact from a PC that said it was going, without saying why it is back."""
+
+    def __init__(self, reason: str | None) -> None:
+        super().__init__(
+            f"this PC signed off ({reason}): only a heartbeat with event boot or resume brings "
+            "it back online",
+            code=ErrorCode.SIGNED_OFF,
+        )
+
+
 def mark_online(
-    session: Session, pc: PcInfo, reason: str, now: dt.datetime, offline_after: float
+    session: Session,
+    pc: PcInfo,
+    reason: str,
+    now: dt.datetime,
+    offline_after: float,
+    *,
+    comeback: bool = True,
 ) -> Transition | None:
-    """Flip an offline PC online (conditional UPDATE); None if it already was. Caller commits."""
+    """Flip an offline PC online (conditional UPDATE); None if it already was, or if it signed
+    off and this is no `comeback` (protocol.COMEBACK_EVENTS). Caller commits."""
     pc_id = pc.id  # read before expire(): afterwards it would reload the row
     pc_table = table(PcInfo)
+    guard = [pc_table.c.id == pc_id, pc_table.c.state == PcState.OFFLINE]
+    if not comeback:
+        guard.append(pc_table.c.reason.not_in(SHUTDOWN_REASONS))
     result = session.execute(
         update(pc_table)
-        .where(pc_table.c.id == pc_id, pc_table.c.state == PcState.OFFLINE)
+        .where(*guard)
         .values(
             state=PcState.ONLINE,
             is_online=True,
@@ -167,16 +207,34 @@ def apply_heartbeat(
 
     Core UPDATEs of what the heartbeat carries, without loading and flushing ORM objects
     (see bench/shutdown_latency.py); `pc` is expired afterwards, so reading it reloads.
+
+    Raises SignedOff (nothing written) for a poll or plain heartbeat from a PC whose agent sent
+    the shutdown signal: it was in flight as the agent signed off, and must not revive the PC.
     """
     pc_id = pc.id
     transition = None
-    if pc.state != PcState.ONLINE:
-        reason = back_online_reason(pc, hb.event, hb.boot_time)
-        transition = mark_online(session, pc, reason, now, offline_after)
     conn = session.connection()
     contact = _identity_values(hb)
     contact.update(last_seen=now, offline_after=now + dt.timedelta(seconds=offline_after))
-    conn.execute(update(_PC).where(_PC.c.id == pc_id).values(contact))
+    for _ in range(2):  # a second time if the PC went offline between our read and our write
+        if pc.state != PcState.ONLINE:
+            reason = back_online_reason(pc, hb.event, hb.boot_time)
+            comeback = hb.event in COMEBACK_EVENTS
+            transition = mark_online(session, pc, reason, now, offline_after, comeback=comeback)
+        written = conn.execute(
+            update(_PC).where(_PC.c.id == pc_id, _PC.c.state == PcState.ONLINE).values(contact)
+        )
+        if affected(written):
+            break
+        fresh = session.execute(
+            select(PcInfo).where(PcInfo.id == pc_id).execution_options(populate_existing=True)
+        ).scalar_one_or_none()
+        if fresh is None:
+            raise Unauthenticated("this PC was deleted; register again")
+        pc = fresh
+    else:
+        session.rollback()
+        raise SignedOff(pc.reason)
     metrics = metric_values(hb, now)
     done = conn.execute(update(_METRICS).where(_METRICS.c.pc_id == pc_id).values(metrics))
     if affected(done) == 0:
