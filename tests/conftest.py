@@ -4,6 +4,7 @@ set) and a real server process on 127.0.0.1, started and stopped by each test th
 from __future__ import annotations
 
 import atexit
+import itertools
 import json
 import os
 import shutil
@@ -26,10 +27,28 @@ PG_URL = os.environ.get("WCMS_TEST_DATABASE_URL", "")
 ROOT = Path(__file__).resolve().parent.parent
 
 
+# Ports for test servers: each xdist worker has its own range, below the kernel's ephemeral
+# ports (32768-60999 here), and takes them in turn. A port the kernel picked for us (bind to 0)
+# could be picked again at once for another worker's server; then a test that stops its server
+# to see "connection refused" reaches a stranger (seen in CI: a client registered with the
+# wrong server's PIN).
+PORTS_PER_WORKER = 1000
+_WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+_PORT_BASE = 20000 + (_WORKER % 12) * PORTS_PER_WORKER
+_ports = itertools.count()
+
+
 def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    """A port on 127.0.0.1 that nothing listens on and no other test of this run was given."""
+    for _ in range(PORTS_PER_WORKER):
+        port = _PORT_BASE + next(_ports) % PORTS_PER_WORKER
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:  # in use (another run on this machine)
+                continue
+            return port
+    raise RuntimeError(f"no free port in {_PORT_BASE}-{_PORT_BASE + PORTS_PER_WORKER - 1}")
 
 
 class Database:
@@ -297,7 +316,7 @@ def make_server(tmp_path: Path, database: Database) -> Iterator[Any]:
 
     yield make
     for server in servers:
-        server.stop()
+        server.stop(signal.SIGQUIT)  # at teardown nothing waits on a graceful stop (1 s less)
 
 
 @pytest.fixture
@@ -315,7 +334,7 @@ def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServ
     db = Database(data)
     server = LiveServer(tmp, db, {}).start()
     yield server
-    server.stop()
+    server.stop(signal.SIGQUIT)
     db.drop()
 
 

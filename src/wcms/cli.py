@@ -179,7 +179,8 @@ def _server_run(args: argparse.Namespace) -> int:
     settings = _settings(host=args.host, port=args.port)
     prepare_data_dir(settings)
     engine = make_engine(settings.sqlalchemy_url)
-    migrate.upgrade(engine)
+    if not migrate.is_current(engine):  # one SELECT; Alembic is imported only to migrate
+        migrate.upgrade(engine)
     engine.dispose()
     print(f"wcms: serving on http://{settings.host}:{settings.port}", file=sys.stderr, flush=True)
     serve(settings, access_log=args.access_log)
