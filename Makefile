@@ -39,9 +39,10 @@ lint: setup
 
 test: lint pytest
 
+# PYTEST_SELECT narrows both phases, e.g. "and not no_database" (CI's PostgreSQL pass).
 pytest: setup
-	$(BIN)/pytest -n $(TEST_WORKERS) -m "not serial" $(PYTEST_ARGS)
-	$(BIN)/pytest -m serial $(PYTEST_ARGS)
+	$(BIN)/pytest -n $(TEST_WORKERS) -m "not serial $(PYTEST_SELECT)" $(PYTEST_ARGS)
+	$(BIN)/pytest -m "serial $(PYTEST_SELECT)" $(PYTEST_ARGS)
 
 # Delete each named guard in turn (tools/mutants.py) and show a test fails for each.
 mutants: setup

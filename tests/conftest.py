@@ -386,6 +386,30 @@ def register_pc(
     return {**data, "machine_id": machine_id}
 
 
+# What touches a database of its own: a test that uses none of these fixtures stores nothing.
+DB_FIXTURES = frozenset(
+    {"database", "live_server", "make_server", "shared_server", "app", "rt", "session", "client"}
+)
+# Tests whose subject is not the database, though they run a server beside them: the Windows
+# client under Wine, the bundle builder, the install scripts, the rhythm of long polls, and the
+# connection limits (half-sent requests never reach the database).
+DB_INCIDENTAL = (
+    "tests/wine/",
+    "tests/bundle/",
+    "tests/security/test_install_chain.py",
+    "tests/security/test_poll_rhythm.py",
+    "tests/security/test_slow_connections.py",
+)
+
+
+def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
+    """Mark the tests whose outcome cannot depend on the database engine `no_database`: CI's
+    PostgreSQL pass runs everything else (.ci/run); the SQLite pass runs all."""
+    for item in items:
+        if item.nodeid.startswith(DB_INCIDENTAL) or not DB_FIXTURES & set(item.fixturenames):
+            item.add_marker(pytest.mark.no_database)
+
+
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: Any) -> None:
     """In CI (WCMS_NO_SKIPS=1) a skipped test is a failure: every suite must really run."""
     if os.environ.get("WCMS_NO_SKIPS") != "1":
