@@ -94,6 +94,25 @@ GUARDS = [
         ),
     ),
     Guard(
+        "migration-lock",
+        "src/wcms/server/migrate.py",
+        'if conn.dialect.name == "postgresql":',
+        "if False:",
+        (
+            "tests/server/test_migrations.py::"
+            "test_two_nodes_migrating_one_postgresql_database_at_once_both_succeed",
+        ),
+    ),
+    Guard(
+        "secret-agreement",
+        "src/wcms/server/services/secretbox.py",
+        "if row is None or not hmac.compare_digest(row.value, mine):",
+        "if row is None:",
+        (
+            "tests/server/test_nodes.py::test_a_node_with_another_secret_is_refused_before_it_serves",
+        ),
+    ),
+    Guard(
         "announce-only-when-running",
         "src/wcms/client/main.py",
         """            if self._final is not None or self._sleeping:

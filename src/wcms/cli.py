@@ -172,16 +172,23 @@ def _accounts_call(fn: Callable[[], Any]) -> Any:
 
 def _server_run(args: argparse.Namespace) -> int:
     from wcms.server import migrate
-    from wcms.server.config import prepare_data_dir
-    from wcms.server.db import make_engine
+    from wcms.server.config import ensure_secret_key, prepare_data_dir
+    from wcms.server.db import make_engine, make_sessionmaker
     from wcms.server.runner import serve
+    from wcms.server.services import secretbox
 
     settings = _settings(host=args.host, port=args.port)
     prepare_data_dir(settings)
     engine = make_engine(settings.sqlalchemy_url)
-    if not migrate.is_current(engine):  # one SELECT; Alembic is imported only to migrate
-        migrate.upgrade(engine)
-    engine.dispose()
+    try:
+        if not migrate.is_current(engine):  # one SELECT; Alembic is imported only to migrate
+            migrate.upgrade(engine)
+        with make_sessionmaker(engine)() as session:
+            secretbox.agree_on_secret(session, ensure_secret_key(settings))
+    except secretbox.SecretMismatch as exc:
+        raise CliError(str(exc)) from None
+    finally:
+        engine.dispose()
     print(f"wcms: serving on http://{settings.host}:{settings.port}", file=sys.stderr, flush=True)
     serve(settings, access_log=args.access_log)
     return EXIT_OK

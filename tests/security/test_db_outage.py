@@ -352,7 +352,11 @@ def test_a_server_killed_during_the_outage_replays_its_journal_at_start(outage: 
     assert states == [("online",), ("online",)]
     # The restarted PC reaches another server (its own data dir, the same database) first;
     # without a background loop, which would judge the other PC lost, knowing no journal.
-    other = outage.server("b", api_key=server.api_key, WCMS_BACKGROUND="0", **slow)
+    # Nodes of one database share one secret (a node with another is refused at start).
+    secret = (outage.tmp / "data-a" / "secret_key").read_text().strip()
+    other = outage.server(
+        "b", api_key=server.api_key, WCMS_BACKGROUND="0", WCMS_SECRET_KEY=secret, **slow
+    )
     status, body = heartbeat(other, back, event="boot", boot_time=time.time() - 20)
     assert status == 200, body
     other.stop()

@@ -1,10 +1,13 @@
 from __future__ import annotations
 
+import threading
+import uuid
+
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
-from sqlalchemy import inspect
+from sqlalchemy import Engine, inspect
 
-from tests.conftest import Database
+from tests.conftest import PG_URL, Database
 from wcms.server import migrate
 from wcms.server.db import Base, make_engine
 
@@ -52,3 +55,58 @@ def test_sqlite_runs_in_wal_mode_with_foreign_keys(tmp_path: object) -> None:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
     engine.dispose()
+
+
+MACHINE_PG = "postgresql://postgres@127.0.0.1:5432/test"  # runs on every machine, CI's too
+
+
+def test_two_nodes_migrating_one_postgresql_database_at_once_both_succeed() -> None:
+    """Two nodes start together on an empty PostgreSQL database: the advisory lock makes the
+    second wait for the first's commit and find nothing to do. (Without it the second's CREATE
+    TABLE waits on the first's and then fails: `relation ... already exists`.) Always on
+    PostgreSQL, in a schema of its own: SQLite serves one node."""
+    import sqlalchemy
+
+    base = PG_URL or MACHINE_PG
+    schema = f"t_mig_{uuid.uuid4().hex[:10]}"
+    admin = sqlalchemy.create_engine(base, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.execute(sqlalchemy.text(f'CREATE SCHEMA "{schema}"'))
+    sep = "&" if "?" in base else "?"
+    # A lock waited on for 15 s is an error: without the advisory lock the two nodes' CREATE
+    # TABLEs (and Python's import lock around the migration scripts) hold each other for ever.
+    url = f"{base}{sep}options=-csearch_path%3D{schema}%20-clock_timeout%3D15000"
+    try:
+        for _round in range(3):
+            engines = [make_engine(url), make_engine(url)]
+            start = threading.Barrier(2, timeout=30)
+            errors: list[BaseException] = []
+
+            def node(
+                engine: Engine,
+                start: threading.Barrier = start,
+                errors: list[BaseException] = errors,
+            ) -> None:
+                try:
+                    start.wait()
+                    migrate.upgrade(engine)
+                except BaseException as exc:  # handed to the test
+                    errors.append(exc)
+
+            threads = [threading.Thread(target=node, args=(e,)) for e in engines]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(60)
+            assert not any(t.is_alive() for t in threads), "a node hung"
+            assert errors == []
+            assert all(migrate.is_current(e) for e in engines)
+            for e in engines:
+                e.dispose()
+            with admin.connect() as conn:  # empty again for the next round
+                conn.execute(sqlalchemy.text(f'DROP SCHEMA "{schema}" CASCADE'))
+                conn.execute(sqlalchemy.text(f'CREATE SCHEMA "{schema}"'))
+    finally:
+        with admin.connect() as conn:
+            conn.execute(sqlalchemy.text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+        admin.dispose()

@@ -20,6 +20,7 @@ from wcms.server.fastpath import AgentFastPath
 from wcms.server.headers import SECURITY_HEADERS
 from wcms.server.runtime import Runtime
 from wcms.server.schemas import BIDI_CONTROLS, strip_bidi, strip_bidi_json
+from wcms.server.services import secretbox
 from wcms.server.services.heartbeats import HeartbeatBuffer
 
 log = logging.getLogger(__name__)
@@ -52,6 +53,12 @@ def create_app(config: dict[str, Any] | Settings | None = None) -> Flask:
         sessions=make_sessionmaker(engine),
         buffer=HeartbeatBuffer(settings.metrics_sample_interval),
     )
+    try:
+        with rt.sessions() as s:
+            secretbox.agree_on_secret(s, secret)
+    except secretbox.SecretMismatch:
+        engine.dispose()  # refused: nothing of this app stays open
+        raise
     rt.load_mode()
     app.extensions["wcms"] = rt
     register_error_handlers(app)

@@ -35,12 +35,20 @@ def script_head(url: str = "sqlite://") -> str | None:
     return ScriptDirectory.from_config(alembic_config(url)).get_current_head()
 
 
+# On PostgreSQL the migration holds this advisory lock (a transaction-scoped one, released at
+# its commit): two nodes starting together migrate one after the other, and the second finds
+# nothing left to do. SQLite takes its one writer lock at the first DDL statement.
+MIGRATION_LOCK = 0x77636D73  # "wcms"
+
+
 def upgrade(engine: Engine) -> None:
     """Bring the database to the latest revision (a no-op when it is already there)."""
     from alembic import command
 
     cfg = alembic_config(str(engine.url))
     with engine.begin() as conn:
+        if conn.dialect.name == "postgresql":
+            conn.execute(text("SELECT pg_advisory_xact_lock(:k)"), {"k": MIGRATION_LOCK})
         cfg.attributes["connection"] = conn
         command.upgrade(cfg, "head")
 
