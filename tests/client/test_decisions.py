@@ -144,19 +144,13 @@ def test_signed_off_answers_a_late_heartbeat_quietly_and_a_running_agent_by_anno
     running._after_failure(SIGNED_OFF)
     assert list(running._events) == [ClientEvent.BOOT]  # once
 
-    ending = _agent(plat, tmp_path / "b", closed_port)
-    ending.token = "wcms_pc_x"
-    ending._events.clear()
-    ending.stop(PowerReason.SHUTDOWN)
-    ending._after_failure(SIGNED_OFF)
-    assert list(ending._events) == []
-
-    asleep = _agent(plat, tmp_path / "c", closed_port)
-    asleep.token = "wcms_pc_x"
-    asleep._events.clear()
-    asleep.stop(PowerReason.SLEEP)
-    asleep._after_failure(SIGNED_OFF)
-    assert list(asleep._events) == []
+    for reason in (PowerReason.SHUTDOWN, PowerReason.SLEEP):  # ending, or asleep
+        signed = _agent(plat, tmp_path / reason, closed_port)
+        signed.token = "wcms_pc_x"
+        signed._events.clear()
+        signed.stop(reason)
+        signed._after_failure(SIGNED_OFF)
+        assert list(signed._events) == [], reason
 
 
 def test_seed_helper_without_registration(

@@ -147,6 +147,19 @@ def count_events(session: Session, pc_id: int, reason: str) -> int:
     return int(n)
 
 
+def lost_pc(session: Session, name: str, start: dt.datetime) -> PcInfo:
+    """A PC last seen at `start`, judged lost by the checker 40 s later."""
+    pc = add_pc(session, name)
+    session.execute(
+        update(PcInfo)
+        .where(PcInfo.id == pc.id)
+        .values(last_seen=start, offline_after=start + dt.timedelta(seconds=35))
+    )
+    session.commit()
+    pc_service.mark_overdue_lost(session, start + dt.timedelta(seconds=40), retry_in=5)
+    return pc
+
+
 # ---------------------------------------------------------------------------- presence
 
 
@@ -212,14 +225,7 @@ def test_a_kept_signal_replayed_as_its_pc_comes_back_never_turns_it_off(
     runs first, the PC ends online (a signal never overrides contact made after it)."""
     for i, duel in enumerate(rounds("UPDATE PC_INFO")):
         start = later(10_000 * (i + 1))
-        pc = add_pc(session, f"return{i}")
-        session.execute(
-            update(PcInfo)
-            .where(PcInfo.id == pc.id)
-            .values(last_seen=start, offline_after=start + dt.timedelta(seconds=35))
-        )
-        session.commit()
-        pc_service.mark_overdue_lost(session, start + dt.timedelta(seconds=40), retry_in=5)
+        pc = lost_pc(session, f"return{i}", start)
         signal = spool.SpooledSignal(i, pc.id, pc.machine_id, "shutdown", start)
 
         def replay(signal: spool.SpooledSignal = signal) -> None:
@@ -307,14 +313,7 @@ def test_a_poll_reviving_a_lost_pc_racing_its_shutdown_signal_ends_off(
     for i, duel in enumerate(rounds("UPDATE PC_INFO")):
         monkeypatch.setattr(pc_service, "_RAW_GO_OFFLINE", _GatedFetch(real, duel))
         start = later(10_000 * (i + 1))
-        pc = add_pc(session, f"lostsig{i}")
-        session.execute(
-            update(PcInfo)
-            .where(PcInfo.id == pc.id)
-            .values(last_seen=start, offline_after=start + dt.timedelta(seconds=35))
-        )
-        session.commit()
-        pc_service.mark_overdue_lost(session, start + dt.timedelta(seconds=40), retry_in=5)
+        pc = lost_pc(session, f"lostsig{i}", start)
         at = start + dt.timedelta(seconds=50)
         signal = _signal(rt, pc.machine_id, at)
         results = duel.run(signal, _plain_contact(rt, pc.id, at))
