@@ -183,6 +183,7 @@ def _server_run(args: argparse.Namespace) -> int:
     try:
         if not migrate.is_current(engine):  # one SELECT; Alembic is imported only to migrate
             migrate.upgrade(engine)
+        # create_app checks again in the worker; here a refusal is one line, before gunicorn.
         with make_sessionmaker(engine)() as session:
             secretbox.agree_on_secret(session, ensure_secret_key(settings))
     except secretbox.SecretMismatch as exc:
