@@ -4,6 +4,7 @@ set) and a real server process on 127.0.0.1, started and stopped by each test th
 from __future__ import annotations
 
 import atexit
+import contextlib
 import itertools
 import json
 import os
@@ -336,6 +337,23 @@ def shared_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServ
     yield server
     server.stop(signal.SIGQUIT)
     db.drop()
+
+
+@contextlib.contextmanager
+def sql_statements(engine: Any) -> Iterator[list[str]]:
+    """The SQL `engine` runs inside the block, in order."""
+    from sqlalchemy import event
+
+    statements: list[str] = []
+
+    def record(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
+        statements.append(statement)
+
+    event.listen(engine, "before_cursor_execute", record)
+    try:
+        yield statements
+    finally:
+        event.remove(engine, "before_cursor_execute", record)
 
 
 # ---- in-process: the real app on a real database, no background loop (domain tests)

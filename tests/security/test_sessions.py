@@ -12,14 +12,13 @@ import datetime as dt
 import hashlib
 import re
 import time
-from typing import Any
 
 import sqlalchemy
 from flask import Flask
-from sqlalchemy import event, func, select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
-from tests.conftest import LiveServer
+from tests.conftest import LiveServer, sql_statements
 from tests.security.webclient import WebClient
 from wcms.server.db import make_engine, make_sessionmaker, utcnow
 from wcms.server.models import Admin, AdminSession
@@ -294,19 +293,11 @@ def test_one_select_per_admin_request(app: Flask) -> None:
         admin = accounts.create_admin(s, "alice", PASSWORD, utcnow())
         _live, sid = accounts.start_session(s, admin, utcnow())
         s.commit()
-    statements: list[str] = []
-
-    def count(_conn: Any, _cursor: Any, statement: str, *_args: Any) -> None:
-        statements.append(statement)
-
-    event.listen(rt.engine, "before_cursor_execute", count)
-    try:
+    with sql_statements(rt.engine) as statements:
         client = app.test_client()
         client.set_cookie("wcms_session", sid)
         for _ in range(5):
             assert client.get("/api/me").status_code == 200
-    finally:
-        event.remove(rt.engine, "before_cursor_execute", count)
     assert len(statements) == 5, statements
     assert all(
         s.lstrip().upper().startswith("SELECT") and "admin_sessions" in s for s in statements

@@ -10,9 +10,8 @@ import time
 from typing import Any
 
 from flask import Flask
-from sqlalchemy import event
 
-from tests.conftest import LiveServer, register_pc
+from tests.conftest import LiveServer, register_pc, sql_statements
 from wcms.server.db import utcnow
 from wcms.server.runtime import Runtime
 from wcms.server.services import accounts
@@ -220,21 +219,13 @@ def test_a_waiting_poll_does_not_touch_the_database(app: Flask, rt: Runtime) -> 
 
     def statements_of_a_poll(timeout: float) -> tuple[int, float]:
         """How many SQL statements an idle poll ran, and how long it took to answer."""
-        statements: list[str] = []
-
-        def count(_conn: Any, _cursor: Any, sql: str, *_args: Any) -> None:
-            statements.append(sql)
-
-        event.listen(rt.engine, "before_cursor_execute", count)
-        try:
+        with sql_statements(rt.engine) as statements:
             started = time.monotonic()
             resp = client.get(
                 f"/api/client/commands?machine_id={pc['machine_id']}&timeout={timeout}",
                 headers=auth,
             )
             took = time.monotonic() - started
-        finally:
-            event.remove(rt.engine, "before_cursor_execute", count)
         assert resp.status_code == 200 and resp.get_json()["commands"] == []
         return len(statements), took
 
