@@ -5,7 +5,7 @@ VENV   ?= .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: setup run test pytest lint demo bench screenshots mutants clean
+.PHONY: setup run test pytest test-wine lint demo bench screenshots mutants clean
 
 # The suite runs in TEST_WORKERS processes (pytest-xdist): most tests wait on real servers and
 # clients, not on the CPU, so more workers than cores pays. Tests marked `serial` measure latency
@@ -40,9 +40,17 @@ lint: setup
 test: lint pytest
 
 # PYTEST_SELECT narrows both phases, e.g. "and not no_database" (CI's PostgreSQL pass).
+# The Windows client under Wine is its own run (make test-wine, CI's third step): it needs
+# Wine set up (tools/wine/setup.sh) and a few minutes of its own.
 pytest: setup
-	$(BIN)/pytest -n $(TEST_WORKERS) -m "not serial $(PYTEST_SELECT)" $(PYTEST_ARGS)
-	$(BIN)/pytest -m "serial $(PYTEST_SELECT)" $(PYTEST_ARGS)
+	$(BIN)/pytest -n $(TEST_WORKERS) -m "not serial and not wine $(PYTEST_SELECT)" $(PYTEST_ARGS)
+	$(BIN)/pytest -m "serial and not wine $(PYTEST_SELECT)" $(PYTEST_ARGS)
+
+# The Windows service, installer and install chain under Wine (tests/wine); fails, instead of
+# skipping, when Wine is missing. Each test process boots its own copy of one prefix.
+WINE_WORKERS ?= 2
+test-wine: setup
+	WCMS_REQUIRE_WINE=1 $(BIN)/pytest -n $(WINE_WORKERS) -m wine $(PYTEST_ARGS)
 
 # Delete each named guard in turn (tools/mutants.py) and show a test fails for each.
 mutants: setup

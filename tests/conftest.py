@@ -426,6 +426,9 @@ def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
     for item in items:
         if item.nodeid.startswith(DB_INCIDENTAL) or not DB_FIXTURES & set(item.fixturenames):
             item.add_marker(pytest.mark.no_database)
+    # The long tests first (a stable sort keeps each module together): pytest-xdist hands
+    # tests out in this order, and a 50 s test handed out last keeps one worker busy alone.
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: Any) -> None:

@@ -22,6 +22,8 @@ import sqlalchemy
 from tests.conftest import LiveServer, register_pc
 from wcms.server.hashpool import MAX_IN_FLIGHT, PER_ADDRESS
 
+pytestmark = pytest.mark.slow
+
 PASSWORD = "correct horse battery"
 _CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
 

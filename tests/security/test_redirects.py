@@ -147,6 +147,7 @@ def test_raw_query_strings_as_an_attacker_types_them(server: LiveServer) -> None
         assert is_local(answer.header("Location"), server), (raw, answer.header("Location"))
 
 
+@pytest.mark.slow
 def test_login_form_get_and_post(server: LiveServer) -> None:
     client = WebClient(server)
     for value in HOSTILE + LOCAL:

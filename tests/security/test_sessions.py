@@ -13,6 +13,7 @@ import hashlib
 import re
 import time
 
+import pytest
 import sqlalchemy
 from flask import Flask
 from sqlalchemy import func, select
@@ -155,6 +156,7 @@ def test_each_login_gets_a_fresh_id_and_ends_the_one_before(live_server: LiveSer
     assert rows(live_server, ids["alice"]) == 1
 
 
+@pytest.mark.slow
 def test_password_changes_and_disabling_end_sessions(live_server: LiveServer) -> None:
     ids = make_admins(live_server, "alice", "bob")
     alice1, alice2 = logged_in(live_server), logged_in(live_server)

@@ -8,9 +8,12 @@ import time
 import urllib.request
 from typing import Any
 
+import pytest
+
 from tests.conftest import LiveServer, http, register_pc
 
 
+@pytest.mark.slow
 def test_sigterm_ends_open_polls_and_streams_and_keeps_buffered_heartbeats(
     make_server: Any,
 ) -> None:

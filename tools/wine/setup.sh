@@ -5,7 +5,7 @@
 #   bash tools/wine/setup.sh            # as root (apt-get); idempotent, quick when done before
 #   PYTHON=.venv/bin/python bash tools/wine/setup.sh
 #
-# Then: WCMS_REQUIRE_WINE=1 .venv/bin/pytest tests/wine   (fails instead of skipping without Wine)
+# Then: make test-wine   (fails instead of skipping without Wine; not part of make test)
 set -euo pipefail
 
 PYTHON=${PYTHON:-.venv/bin/python}
