@@ -17,7 +17,7 @@ from wcms.server.config import Settings, ensure_secret_key, load_settings, prepa
 from wcms.server.db import make_engine, make_sessionmaker
 from wcms.server.errors import ApiError, register_error_handlers
 from wcms.server.fastpath import AgentFastPath
-from wcms.server.headers import SECURITY_HEADERS
+from wcms.server.headers import security_headers
 from wcms.server.runtime import Runtime
 from wcms.server.schemas import BIDI_CONTROLS, strip_bidi, strip_bidi_json
 from wcms.server.services import secretbox
@@ -83,9 +83,11 @@ def create_app(config: dict[str, Any] | Settings | None = None) -> Flask:
         if session is not None:
             session.close()
 
+    headers = security_headers(settings)  # the fast path writes the same (headers.py)
+
     @app.after_request
     def _security_headers(resp: Response) -> Response:
-        for name, value in SECURITY_HEADERS:  # the fast path writes the same (headers.py)
+        for name, value in headers:
             resp.headers.setdefault(name, value)
         return resp
 

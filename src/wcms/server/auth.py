@@ -18,6 +18,7 @@ from wcms.protocol import TOKEN_PREFIX_APIKEY, ErrorCode
 from wcms.server.api.request import runtime
 from wcms.server.db import utcnow
 from wcms.server.errors import ApiError
+from wcms.server.headers import public_https
 from wcms.server.models import Admin
 from wcms.server.services import accounts, audit
 from wcms.server.services.agent import PcIdentity, identify_pc
@@ -204,7 +205,7 @@ def write_cookies(resp: Response) -> Response:
     )
     if sid is None and not drop and nonce is None:
         return resp
-    secure = request.is_secure
+    secure = secure_cookies()
     if sid is not None:
         resp.set_cookie(
             SESSION_COOKIE,
@@ -230,6 +231,13 @@ def write_cookies(resp: Response) -> Response:
             path="/",
         )
     return resp
+
+
+def secure_cookies() -> bool:
+    """Whether the cookies this answer sets are `Secure`: the request came over https (directly,
+    or through a trusted proxy's X-Forwarded-Proto), or the server is published over https
+    (WCMS_PUBLIC_URL), which covers a proxy that terminates TLS without being trusted."""
+    return request.is_secure or public_https(runtime().settings)
 
 
 def client_address() -> str:

@@ -35,7 +35,7 @@ from sqlalchemy.orm import Session
 from wcms.protocol import CLIENT_PREFIX, MAX_BODY_BYTES, PcState
 from wcms.server.auth import parse_bearer
 from wcms.server.errors import ApiError, error_answer, unexpected_error, unreadable_body
-from wcms.server.headers import SECURITY_HEADERS
+from wcms.server.headers import security_headers
 from wcms.server.runtime import Runtime
 from wcms.server.schemas import (
     HeartbeatRequest,
@@ -53,9 +53,6 @@ if TYPE_CHECKING:
     from _typeshed.wsgi import StartResponse, WSGIApplication, WSGIEnvironment
 
 log = logging.getLogger(__name__)
-
-# Flask's after_request hook adds the same security headers (wcms.server.create_app).
-_HEADERS = [("Content-Type", "application/json"), *SECURITY_HEADERS]
 
 
 def _status_line(code: int) -> str:
@@ -94,6 +91,8 @@ class AgentFastPath:
         self.rt = rt
         # Requests answered here, by path: how tests know this path (not Flask) answered.
         self.answered: Counter[str] = Counter()
+        # Flask's after_request hook adds the same security headers (wcms.server.create_app).
+        self._headers = [("Content-Type", "application/json"), *security_headers(rt.settings)]
         # Each call's own steps are shared with its Flask view (services/agent.py).
         self._buffered = agent.buffered
         self._going_down = agent.going_down
@@ -126,7 +125,7 @@ class AgentFastPath:
         # The bytes Flask's JSON provider writes (create_app's _Json): no bidi control in any
         # string (an error can echo a field's name), and jsonify's closing newline.
         data = strip_bidi_json(json.dumps(body, separators=(",", ":"))).encode() + b"\n"
-        headers = [*_HEADERS, ("Content-Length", str(len(data))), *extra.items()]
+        headers = [*self._headers, ("Content-Length", str(len(data))), *extra.items()]
         start_response(_STATUS.get(status) or _status_line(status), headers)
         return [data]
 

@@ -47,6 +47,7 @@ from wcms.server.auth import (
     db,
     login_session,
     logout_session,
+    secure_cookies,
     write_cookies,
 )
 from wcms.server.db import utcnow
@@ -340,6 +341,12 @@ def language(code: str) -> ResponseReturnValue:
     resp = redirect(safe_next(request.args.get("next")))
     if code in i18n.LANGUAGES:
         resp.set_cookie(
-            i18n.COOKIE, code, max_age=365 * 86400, httponly=True, samesite="Lax", path="/"
+            i18n.COOKIE,
+            code,
+            max_age=365 * 86400,
+            httponly=True,
+            samesite="Lax",
+            secure=secure_cookies(),
+            path="/",
         )
     return resp
