@@ -25,6 +25,9 @@ from typing import Any
 import pytest
 
 PG_URL = os.environ.get("WCMS_TEST_DATABASE_URL", "")
+# The PostgreSQL that runs on every machine, CI's too: tests of several nodes use it (or
+# WCMS_TEST_DATABASE_URL) whatever the run's engine, since several nodes need PostgreSQL.
+MACHINE_PG = "postgresql://postgres@127.0.0.1:5432/test"
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -55,20 +58,23 @@ def free_port() -> int:
 class Database:
     """One isolated database per test: a SQLite file, or a PostgreSQL schema."""
 
-    def __init__(self, data_dir: Path) -> None:
+    def __init__(self, data_dir: Path, pg_url: str = PG_URL) -> None:
+        """`pg_url`: the PostgreSQL database to make the schema in (default: the run's, if
+        any); tests of several nodes pass MACHINE_PG, as they need PostgreSQL on every run."""
         self.data_dir = data_dir
-        self.schema = f"t_{uuid.uuid4().hex[:12]}" if PG_URL else None
+        self.pg_url = pg_url
+        self.schema = f"t_{uuid.uuid4().hex[:12]}" if pg_url else None
         if self.schema:
             self._pg(f'CREATE SCHEMA "{self.schema}"')
-            sep = "&" if "?" in PG_URL else "?"
-            self.url = f"{PG_URL}{sep}options=-csearch_path%3D{self.schema}"
+            sep = "&" if "?" in pg_url else "?"
+            self.url = f"{pg_url}{sep}options=-csearch_path%3D{self.schema}"
         else:
             self.url = f"sqlite:///{data_dir / 'wcms.db'}"
 
     def _pg(self, sql: str) -> None:
         import sqlalchemy
 
-        engine = sqlalchemy.create_engine(PG_URL, isolation_level="AUTOCOMMIT")
+        engine = sqlalchemy.create_engine(self.pg_url, isolation_level="AUTOCOMMIT")
         with engine.connect() as conn:
             conn.execute(sqlalchemy.text(sql))
         engine.dispose()
@@ -181,6 +187,9 @@ class LiveServer:
             # starve behind the others and slow every login test. The login-flood test, which
             # runs alone, sets the production value.
             "WCMS_HASH_NICE": "0",
+            # One worker, as on SQLite, whatever the engine: the tests of several workers and
+            # nodes ask for them (tests/server/test_workers.py, test_nodes.py).
+            "WCMS_WORKERS": "1",
             **env,
         }
         self.proc: subprocess.Popen[bytes] | None = None

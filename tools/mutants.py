@@ -30,6 +30,9 @@ ROOT = Path(__file__).resolve().parent.parent
 RACES = "tests/server/test_races.py"
 CQ = "src/wcms/server/services/command_queue.py"
 PCS = "src/wcms/server/services/pc_service.py"
+NODES = "tests/server/test_nodes.py"
+RUNTIME = "src/wcms/server/runtime.py"
+REVOKED_ON_B = "test_a_token_revoked_or_a_mode_changed_through_one_node_holds_on_the_other_at_once"
 TIMEOUT = 900  # seconds for one guard's tests
 
 
@@ -284,6 +287,74 @@ GUARDS = [
             "tests/server/test_cli.py::"
             "test_admin_disable_keeps_one_active_admin_and_enable_undoes_it",
         ),
+    ),
+    # What one node tells the others (server/notifier.py): each message, deleted.
+    Guard(
+        "notify-wake",
+        "src/wcms/server/api/commands.py",
+        "    rt.wake(s, pc_ids)  # the other processes' polls, woken when this commits\n",
+        "",
+        (f"{NODES}::test_a_command_queued_through_one_node_wakes_a_poll_waiting_on_the_other",),
+    ),
+    Guard(
+        "notify-live",
+        RUNTIME,
+        """        self.bus.publish(message)
+        self.notifier.post(message)""",
+        "        self.bus.publish(message)",
+        (
+            f"{NODES}::test_a_shutdown_signal_through_one_node_reaches_a_dashboard_stream_on_the_other",
+        ),
+    ),
+    Guard(
+        "notify-revoke-on-register",
+        "src/wcms/server/api/client.py",
+        "        rt.revoke(s, pc.id)  # its old token dies in the other processes on commit\n",
+        "",
+        (f"{NODES}::{REVOKED_ON_B}",),
+    ),
+    Guard(
+        "notify-revoke-on-delete",
+        "src/wcms/server/api/management.py",
+        "    rt.revoke(s, pc_id)  # the other processes forget its token when this commits\n",
+        "",
+        (f"{NODES}::{REVOKED_ON_B}",),
+    ),
+    Guard(
+        "notify-settings",
+        "src/wcms/server/api/management.py",
+        "    rt.settings_changed(s, PresenceMode(req.presence_mode))  # the others, on commit\n",
+        "",
+        (f"{NODES}::{REVOKED_ON_B}",),
+    ),
+    Guard(
+        "leader-lease",
+        "src/wcms/server/lease.py",
+        '_TAKE = text("SELECT pg_try_advisory_lock(CAST(:k AS integer), '
+        'hashtext(current_schema()))")',
+        '_TAKE = text("SELECT true")',
+        (
+            f"{NODES}::test_exactly_one_node_leads_and_a_standby_takes_over_when_it_dies",
+            "tests/server/test_workers.py::"
+            "test_two_workers_deliver_a_bulk_command_once_to_polls_held_by_either",
+        ),
+    ),
+    Guard(
+        "sqlite-one-worker",
+        "src/wcms/server/config.py",
+        'if settings.workers > 1 and settings.sqlalchemy_url.startswith("sqlite"):',
+        "if False:",
+        (
+            "tests/server/test_workers.py::test_more_than_one_worker_on_sqlite_is_refused_in_one_line",
+        ),
+    ),
+    Guard(
+        "resync-on-reconnect",
+        "src/wcms/server/notifier.py",
+        """                        log.warning("notifier connected again: caches resync")
+                        self.resync()""",
+        """                        log.warning("notifier connected again: caches resync")""",
+        (f"{NODES}::test_a_listener_that_lost_its_connection_resyncs_and_hears_again",),
     ),
 ]
 

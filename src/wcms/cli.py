@@ -55,6 +55,12 @@ def _parser() -> argparse.ArgumentParser:
     run = server.add_parser("run", help="migrate the database, then serve (gunicorn + gevent)")
     run.add_argument("--host", help="address to listen on (default WCMS_HOST or 0.0.0.0)")
     run.add_argument("--port", type=int, help="port (default WCMS_PORT or 5050)")
+    run.add_argument(
+        "--workers",
+        type=int,
+        help="worker processes (default WCMS_WORKERS, else one per core on PostgreSQL and one "
+        "on SQLite, which refuses more)",
+    )
     run.add_argument("--access-log", action="store_true", help="log every request")
     run.set_defaults(func=_server_run)
 
@@ -177,7 +183,7 @@ def _server_run(args: argparse.Namespace) -> int:
     from wcms.server.runner import serve
     from wcms.server.services import secretbox
 
-    settings = _settings(host=args.host, port=args.port)
+    settings = _settings(host=args.host, port=args.port, workers=args.workers)
     prepare_data_dir(settings)
     engine = make_engine(settings.sqlalchemy_url)
     try:
@@ -190,7 +196,9 @@ def _server_run(args: argparse.Namespace) -> int:
         raise CliError(str(exc)) from None
     finally:
         engine.dispose()
-    print(f"wcms: serving on http://{settings.host}:{settings.port}", file=sys.stderr, flush=True)
+    workers = settings.worker_count
+    where = f"http://{settings.host}:{settings.port}"
+    print(f"wcms: serving on {where} ({workers} worker{'s' * (workers > 1)})", file=sys.stderr)
     serve(settings, access_log=args.access_log)
     return EXIT_OK
 

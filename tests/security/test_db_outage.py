@@ -446,7 +446,9 @@ def test_a_crash_between_commit_and_truncation_applies_nothing_twice(rt: Runtime
     with rt.sessions() as s:
         for entry in batch:
             spool.apply_kept(s, entry)
-    # ... and the process dies before done(): the claimed file is still there at the next start.
+    # ... and the process dies before done() (its replay lock goes with it): the claimed file is
+    # still there at the next start.
+    rt.spool.close()
     again = spool.ShutdownJournal(rt.settings.data_dir / "spool")
     assert again.pending == 2
     rt.spool = again

@@ -7,7 +7,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import Engine, inspect
 
-from tests.conftest import PG_URL, Database
+from tests.conftest import MACHINE_PG, PG_URL, Database
 from wcms.server import migrate
 from wcms.server.db import Base, make_engine
 
@@ -55,9 +55,6 @@ def test_sqlite_runs_in_wal_mode_with_foreign_keys(tmp_path: object) -> None:
         assert conn.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
         assert conn.exec_driver_sql("PRAGMA foreign_keys").scalar() == 1
     engine.dispose()
-
-
-MACHINE_PG = "postgresql://postgres@127.0.0.1:5432/test"  # runs on every machine, CI's too
 
 
 def test_two_nodes_migrating_one_postgresql_database_at_once_both_succeed() -> None:

@@ -47,9 +47,19 @@ class Settings:
     hash_nice: int = 10
     header_timeout: float = 10.0
     body_timeout: float = 30.0
+    # Worker processes of `wcms server run` (0: one per core on PostgreSQL, one on SQLite,
+    # which serves one process: more is refused).
+    workers: int = 0
     background: bool = True  # run the presence checker and the heartbeat writer
     agent_fast_path: bool = True  # answer ordinary agent calls ahead of Flask (fastpath.py)
     log_level: str = "INFO"
+
+    @property
+    def worker_count(self) -> int:
+        """The worker processes to run: `workers`, or the default for the database."""
+        if self.workers:
+            return self.workers
+        return 1 if self.sqlalchemy_url.startswith("sqlite") else (os.cpu_count() or 1)
 
     @property
     def sqlalchemy_url(self) -> str:
@@ -103,6 +113,13 @@ def load_settings(overrides: dict[str, Any] | None = None) -> Settings:
         raise ConfigError("WCMS_MAX_CONNECTIONS_PER_ADDRESS must be at least 1")
     if not 0 <= settings.hash_nice <= 19:
         raise ConfigError(f"WCMS_HASH_NICE={settings.hash_nice} is not between 0 and 19")
+    if settings.workers < 0:
+        raise ConfigError(f"WCMS_WORKERS={settings.workers} is not a number of processes")
+    if settings.workers > 1 and settings.sqlalchemy_url.startswith("sqlite"):
+        raise ConfigError(
+            f"WCMS_WORKERS={settings.workers}: SQLite serves one process (one writer, and "
+            "nothing to tell the others); use 1, or PostgreSQL (WCMS_DATABASE_URL) for more"
+        )
     if settings.public_url and not _PUBLIC_URL.match(settings.public_url):
         raise ConfigError(
             f"WCMS_PUBLIC_URL={settings.public_url!r} is not http(s)://host[:port][/path]"

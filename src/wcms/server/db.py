@@ -98,7 +98,7 @@ def make_engine(url: str) -> Engine:
         return engine
     if url.startswith(("postgresql://", "postgres://")):
         # psycopg 3 waits through the (gevent-patched) selectors module, so it yields to other
-        # greenlets while PostgreSQL answers.
+        # greenlets while PostgreSQL answers (in the server's worker: runner._cooperative_psycopg).
         url = "postgresql+psycopg://" + url.split("://", 1)[1]
     # A database host that drops packets must not hang a request for the kernel's connect
     # timeout (minutes): 2 s (libpq's shortest sensible value) unless the URL names its own.

@@ -16,7 +16,9 @@ from wcms.protocol import PresenceMode, PresenceTiming
 from wcms.server.config import Settings
 from wcms.server.db import db_unavailable, unit_of_work, utcnow
 from wcms.server.hashpool import HashPool
+from wcms.server.lease import LeaderLease
 from wcms.server.models import Setting
+from wcms.server.notifier import Notifier, for_engine
 from wcms.server.services import command_queue, pc_service, retention
 from wcms.server.services.doorbell import Doorbell
 from wcms.server.services.heartbeats import HeartbeatBuffer
@@ -142,11 +144,68 @@ class Runtime:
     spool: ShutdownJournal = field(init=False)
     presence: PresenceSettings = field(init=False)
     limiters: Limiters = field(init=False)
+    # Tells the other processes and nodes (server/notifier.py); in-process on SQLite.
+    notifier: Notifier = field(init=False)
+    # Whether this process runs the background duties of all (server/lease.py).
+    lease: LeaderLease = field(init=False)
 
     def __post_init__(self) -> None:
         self.spool = ShutdownJournal(self.settings.data_dir / "spool")
         self.presence = PresenceSettings(self.settings)
         self.limiters = Limiters(self.engine, self.settings.hash_nice)
+        self.notifier = for_engine(self.engine)
+        self.lease = LeaderLease(self.engine)
+        self.notifier.on("wake", self.doorbell.ring)
+        self.notifier.on("revoke", self._revoked_elsewhere)
+        self.notifier.on("settings", self._settings_elsewhere)
+        self.notifier.on("live", self._live_elsewhere)
+        self.notifier.on_resync(self._resync)
+
+    # ------------------------------------------------------------ what other processes tell
+
+    def _revoked_elsewhere(self, pc_ids: list[int]) -> None:
+        for pc_id in pc_ids:
+            self.forget_tokens(int(pc_id))
+
+    def _settings_elsewhere(self, data: dict[str, Any]) -> None:
+        self.presence.changed(PresenceMode(data["presence_mode"]))
+
+    def _live_elsewhere(self, messages: list[dict[str, Any]]) -> None:
+        for message in messages:
+            kind, pc_id = message.get("type"), message.get("pc_id")
+            if kind == "presence" and isinstance(pc_id, int):  # keep the online cache in step
+                self.buffer.set_online(pc_id, message.get("state") == "online")
+            elif kind == "pc_deleted" and isinstance(pc_id, int):
+                self.buffer.set_online(pc_id, False)
+            self.bus.publish(message)
+
+    def _resync(self) -> None:
+        """Notifications may have been missed: nothing cached is believed any longer."""
+        self.tokens.clear()
+        self.doorbell.resync()
+        self.presence.load(self.sessions)
+        self.bus.publish({"type": "resync"})
+
+    # ------------------------------------------------------------ telling the others
+
+    def broadcast(self, message: dict[str, Any]) -> None:
+        """A live event for every dashboard, on this process and the others."""
+        self.bus.publish(message)
+        self.notifier.post(message)
+
+    def wake(self, s: Session, pc_ids: list[int]) -> None:
+        """Before `s` commits new commands for `pc_ids`: the other processes ring their
+        doorbells on commit (this one rings after its commit, `doorbell.ring`)."""
+        self.notifier.send(s, "wake", list(pc_ids))
+
+    def revoke(self, s: Session, pc_id: int) -> None:
+        """Before `s` commits a revocation of `pc_id`'s token: the other processes forget it
+        on commit (this one after its commit, `forget_tokens`)."""
+        self.notifier.send(s, "revoke", [pc_id])
+
+    def settings_changed(self, s: Session, mode: PresenceMode) -> None:
+        """Before `s` commits a new presence mode; this process applies it after its commit."""
+        self.notifier.send(s, "settings", {"presence_mode": str(mode)})
 
     def forget_tokens(self, pc_id: int) -> None:
         """A PC's token was revoked (it registered again, or was deleted): drop it from the
@@ -172,12 +231,13 @@ class Runtime:
             return
         for t in transitions if isinstance(transitions, list) else [transitions]:
             self.buffer.set_online(t.pc_id, t.to_state == "online")
-            self.bus.publish(t.as_message())
+            self.broadcast(t.as_message())
 
     # ------------------------------------------------------------ background work
 
     def start_background(self) -> None:
         if self._thread is None:
+            self.notifier.start()
             try:  # signals a crash left on disk, before the checker can call those PCs lost
                 self.replay_shutdowns()
             except Exception:
@@ -195,10 +255,13 @@ class Runtime:
         self._stop.set()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        self.notifier.stop()
+        self.lease.release()
         try:
             self.tick(utcnow(), check=False)  # write what is still buffered
         except Exception as exc:  # the database is away: kept shutdown signals stay on disk
             log.warning("could not write what was buffered before stopping: %s", exc)
+        self.spool.close()
 
     def _loop(self) -> None:
         next_check = 0.0
@@ -216,19 +279,21 @@ class Runtime:
             full = (
                 self.buffer.pending_count() >= FLUSH_BATCH
                 or self.outbox.has_marks()
-                or self.spool.pending > 0  # kept shutdown signals: replay once the database is back
+                or self.spool.kept()  # kept shutdown signals: replay once the database is back
                 or mono - last_flush >= max_wait
             )
             try:
                 if due or full:
                     last_flush = mono
-                    self.tick(utcnow(), check=due)
+                    # Every process writes its own buffer; one (the leader) checks for all.
+                    self.tick(utcnow(), check=due and self.lease.check())
                     if db_away:
                         log.warning("the database answers again")
                         db_away = False
                 if mono >= next_prune:
                     next_prune = mono + PRUNE_EVERY
-                    self.prune(utcnow())
+                    if self.lease.leading:
+                        self.prune(utcnow())
             except Exception as exc:  # the loop must outlive a database hiccup
                 if not db_unavailable(exc):
                     log.exception("presence loop failed; trying again")
@@ -257,6 +322,10 @@ class Runtime:
         The replay comes first and raises while the database is away, so a PC whose signal
         waits on disk is never judged `lost` before its signal is applied."""
         self.replay_shutdowns()
+        if check and self.spool.kept():
+            # Another worker of this node is replaying kept signals: no PC is judged lost
+            # before its signal is applied.
+            check = False
         timing = self.presence.timing
         with self.sessions() as s:
             self.outbox.flush(s)
@@ -275,7 +344,7 @@ class Runtime:
         its last commit. Raises (leaving the rest kept) while the database is still away."""
         applied: list[Transition] = []
         for _ in range(2):  # a claimed file a crash left behind, then the journal
-            if not self.spool.pending:
+            if not self.spool.kept():
                 break
             batch = self.spool.claim()
             if batch is None:
@@ -302,7 +371,7 @@ class Runtime:
         with unit_of_work(self.sessions) as s:
             changes = command_queue.expire_overdue(s, now)
         for change in changes:  # after the commit
-            self.bus.publish(change.as_message())
+            self.broadcast(change.as_message())
 
 
 def _rollback_quietly(s: Session) -> None:

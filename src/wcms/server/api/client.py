@@ -68,6 +68,7 @@ def register() -> ResponseReturnValue:
         pc, token, transition = pc_service.register(
             s, req, now, rt.presence.timing.offline_after, token=bearer(), approve=pin.auto_approve
         )
+        rt.revoke(s, pc.id)  # its old token dies in the other processes on commit
         s.commit()
     except IntegrityError:  # the same machine registering twice at the same instant
         s.rollback()
@@ -107,7 +108,7 @@ def heartbeat() -> ResponseReturnValue:
     rt.buffer.set_online(who.pc_id, True)
     rt.publish(transition)
     if transition is None and hb.event is not None:
-        rt.bus.publish({"type": "pc", "pc_id": who.pc_id, "event": str(hb.event)})
+        rt.broadcast({"type": "pc", "pc_id": who.pc_id, "event": str(hb.event)})
     return _answer({"state": PcState.ONLINE})
 
 

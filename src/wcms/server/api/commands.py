@@ -205,12 +205,15 @@ def send() -> ResponseReturnValue:
         run_when_online=req.run_when_online,
         ip=client_address(),
     )
+    rt.wake(s, pc_ids)  # the other processes' polls, woken when this commits
     s.commit()  # before the polls are woken: they must find the rows
     waiting = rt.doorbell.listening(pc_ids)
-    if waiting:  # their polls are woken now: hand them the command from memory
+    if waiting and not rt.notifier.shared:
+        # One process: its woken polls take the command from memory (services/outbox.py).
+        # With several, each poll claims its commands in the database, so none goes twice.
         rt.outbox.stage(outbox.load(s, batch.id, waiting, rt.secret_key))
     rt.doorbell.ring(pc_ids)
-    rt.bus.publish(
+    rt.broadcast(
         {"type": "batch", "batch_id": batch.id, "command": batch.type, "total": batch.pc_count}
     )
     return jsonify(command_read_models.batch_detail(s, batch)), 201

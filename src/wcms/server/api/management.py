@@ -79,11 +79,12 @@ def delete_pc(pc_id: int) -> ResponseReturnValue:
     s = db()
     audit_action("pc.delete", pc.hostname, pc_id=pc.id, machine_id=pc.machine_id)
     s.delete(pc)
-    s.commit()
     rt = runtime()
+    rt.revoke(s, pc_id)  # the other processes forget its token when this commits
+    s.commit()
     rt.forget_tokens(pc_id)
     rt.buffer.set_online(pc_id, False)
-    rt.bus.publish({"type": "pc_deleted", "pc_id": pc_id})
+    rt.broadcast({"type": "pc_deleted", "pc_id": pc_id})
     return jsonify({"deleted": pc_id})
 
 
@@ -283,8 +284,9 @@ def put_settings() -> ResponseReturnValue:
     else:
         row.value = req.presence_mode
     audit_action("settings.presence_mode", None, value=req.presence_mode)
-    s.commit()
     rt = runtime()
+    rt.settings_changed(s, PresenceMode(req.presence_mode))  # the others, on commit
+    s.commit()
     rt.presence.changed(PresenceMode(req.presence_mode))
     return jsonify({"presence_mode": str(rt.presence.mode), "timing": rt.presence.timing.as_wire()})
 

@@ -38,6 +38,14 @@ def healthz() -> ResponseReturnValue:
         "kept_shutdown_signals": rt.spool.pending,
         # Command long polls waiting in this process (tests wait on it instead of sleeping).
         "waiting_polls": rt.doorbell.waiting,
+        # Whether this process runs the background duties for all (server/lease.py).
+        "leader": rt.lease.leading,
+        # How this process hears of the others' changes (server/notifier.py).
+        "notifier": (
+            ("connected" if rt.notifier.trusted else "disconnected")
+            if rt.notifier.shared
+            else "in-process"
+        ),
     }
     return jsonify(body), 200 if database == "ok" else 503
 

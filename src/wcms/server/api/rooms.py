@@ -46,7 +46,7 @@ def _commit() -> None:
 
 def _announce(**message: Any) -> None:
     """Open dashboards reload the layout they show."""
-    runtime().bus.publish({"type": "layout", **message})
+    runtime().broadcast({"type": "layout", **message})
 
 
 class RoomCreate(Strict):

@@ -3,7 +3,8 @@
 A waiting poll registers an Event for its PC *before* it looks in the database, so a command
 queued between the look and the wait still rings it. Under gevent (the production server)
 threading.Event is cooperative, so thousands of polls wait in one process for a few hundred
-bytes each. The bell is per process: the server runs one worker (see runner.py).
+bytes each. The bell is per process; other processes ring it through the notifier
+(server/notifier.py), and an idle mark is believed for IDLE_TTL seconds at most.
 
 A revoked token (the PC registered again, or was deleted) rings the PC's polls with `revoked`
 set: each checks its own token in the database and answers 401 if it was the one revoked.
@@ -12,8 +13,13 @@ set: each checks its own token in the database and answers 401 if it was the one
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
+
+# How long "this PC has nothing open" is believed without a look in the database: a wake-up
+# from another process that was lost (server/notifier.py) delays a command by at most this.
+IDLE_TTL = 300.0
 
 
 class Bell(threading.Event):
@@ -29,7 +35,7 @@ class Doorbell:
         self.closed = False  # the server is stopping: polls answer at once
         # PCs known to have no open command, so an empty poll need not ask the database, and
         # a counter per PC that ring() moves, so a check that raced a new command is ignored.
-        self._idle: set[int] = set()
+        self._idle: dict[int, float] = {}  # pc_id -> monotonic time of the mark
         self._rings: dict[int, int] = {}
 
     def close(self) -> int:
@@ -65,8 +71,20 @@ class Doorbell:
         with self._lock:
             for pc_id in ids:
                 self._rings[pc_id] = self._rings.get(pc_id, 0) + 1
-                self._idle.discard(pc_id)
+                self._idle.pop(pc_id, None)
             events = [e for pc_id in ids for e in self._waiting.get(pc_id, ())]
+        for event in events:
+            event.set()
+        return len(events)
+
+    def resync(self) -> int:
+        """Wake-ups may have been missed: forget every idle mark and wake every waiting poll
+        to look in the database."""
+        with self._lock:
+            self._idle.clear()
+            for pc_id in self._waiting:
+                self._rings[pc_id] = self._rings.get(pc_id, 0) + 1
+            events = [e for waiting in self._waiting.values() for e in waiting]
         for event in events:
             event.set()
         return len(events)
@@ -93,8 +111,10 @@ class Doorbell:
             return sum(len(events) for events in self._waiting.values())
 
     def is_idle(self, pc_id: int) -> bool:
-        """True when the PC is known to have no queued or unacknowledged command."""
-        return pc_id in self._idle
+        """True when the PC is known to have no queued or unacknowledged command (a mark is
+        believed for IDLE_TTL seconds)."""
+        marked = self._idle.get(pc_id)
+        return marked is not None and time.monotonic() - marked < IDLE_TTL
 
     def rings(self, pc_id: int) -> int:
         """Read before looking in the database; hand it to mark_idle() afterwards."""
@@ -105,9 +125,9 @@ class Doorbell:
         """The database had nothing open for the PC, unless a command came in meanwhile."""
         with self._lock:
             if self._rings.get(pc_id, 0) == rings_before:
-                self._idle.add(pc_id)
+                self._idle[pc_id] = time.monotonic()
 
     def mark_busy(self, pc_id: int) -> None:
         """The PC has commands out (they may need delivering again)."""
         with self._lock:
-            self._idle.discard(pc_id)
+            self._idle.pop(pc_id, None)

@@ -13,17 +13,23 @@ database answers, before the presence checker runs:
   `apply_kept` is conditional on the PC having had no contact since the signal arrived, and a signal
   already applied leaves nothing to change, so a second replay writes nothing.
 
-One process appends and replays (the server runs one worker); the lock orders the appends of
-its requests and the claim of its background loop.
+Several worker processes of one node share the journal: a lock file (`flock` on
+`spool/.lock`) orders every append, claim and delete across them, and one process replays at a
+time (a second lock, `spool/.replay`, taken without waiting and held from the claim to the
+delete; a process that finds it taken leaves the replay to its holder). The loop asks the disk
+whether anything is kept (`kept`), so it also replays what another worker, since dead, kept.
 """
 
 from __future__ import annotations
 
 import datetime as dt
+import fcntl
 import json
 import logging
 import os
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -85,24 +91,42 @@ class ShutdownJournal:
         self.path = directory / JOURNAL
         self.claimed_path = directory / CLAIMED
         self._lock = threading.Lock()
-        self._repair_tail(self.path)
-        kept = self._read(self.claimed_path) + self._read(self.path)
+        self._replaying: int | None = None  # the descriptor holding spool/.replay
+        with self._across_processes():
+            self._repair_tail(self.path)
+            kept = self._read(self.claimed_path) + self._read(self.path)
         self._seq = max((e.seq for e in kept), default=0)
         self._pending = len(kept)
 
     @property
     def pending(self) -> int:
-        """Signals kept and not yet applied (read without the lock: a hint for the loop)."""
+        """Signals this process kept, or found kept at its start, and not yet applied (read
+        without the lock: a hint for /healthz)."""
         return self._pending
+
+    def kept(self) -> bool:
+        """Whether any process of this node keeps a signal on disk now (two stat calls)."""
+        return self._pending > 0 or self.path.exists() or self.claimed_path.exists()
+
+    @contextmanager
+    def _across_processes(self) -> Iterator[None]:
+        """This process's lock, then the node's (the workers share the journal)."""
+        with self._lock:
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(self.directory / ".lock", os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                yield
+            finally:
+                os.close(fd)  # releases the flock
 
     def append(self, pc_id: int, machine_id: str, reason: str, at: dt.datetime) -> SpooledSignal:
         """Write one signal and fsync it; only then may the client hear it was taken.
 
         Raises OSError when the disk refuses; the journal is left as it was.
         """
-        with self._lock:
+        with self._across_processes():
             entry = SpooledSignal(self._seq + 1, pc_id, machine_id, reason, at)
-            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             created = not self.path.exists()
             fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
             try:
@@ -125,21 +149,44 @@ class ShutdownJournal:
 
     def claim(self) -> list[SpooledSignal] | None:
         """The oldest kept signals, in order: a claimed file a crash left, else the journal
-        (renamed, so signals arriving meanwhile start a new one). None when nothing is kept."""
-        with self._lock:
+        (renamed, so signals arriving meanwhile start a new one). None when nothing is kept, or
+        when another worker is replaying (it holds spool/.replay until its `done`)."""
+        if self._replaying is None:
+            self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(self.directory / ".replay", os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                return None
+            self._replaying = fd
+        with self._across_processes():
             if not self.claimed_path.exists():
                 if not self.path.exists():
+                    self._pending = 0  # what was counted here was replayed by another worker
+                    self._end_replay()
                     return None
                 os.replace(self.path, self.claimed_path)
                 _fsync_dir(self.directory)
             return self._read(self.claimed_path)
 
+    def close(self) -> None:
+        """Let go of the replay lock (what the process's end does): another worker may
+        replay what this one claimed and did not finish."""
+        self._end_replay()
+
+    def _end_replay(self) -> None:
+        if self._replaying is not None:
+            os.close(self._replaying)
+            self._replaying = None
+
     def done(self, batch: list[SpooledSignal]) -> None:
         """The claimed signals are committed to the database: forget them."""
-        with self._lock:
+        with self._across_processes():
             self.claimed_path.unlink(missing_ok=True)
             _fsync_dir(self.directory)
             self._pending = max(0, self._pending - len(batch))
+        self._end_replay()
 
     @staticmethod
     def _read(path: Path) -> list[SpooledSignal]:
