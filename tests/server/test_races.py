@@ -16,20 +16,23 @@ import contextlib
 import datetime as dt
 import threading
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
 from sqlalchemy import Engine, event, func, select, update
 from sqlalchemy.orm import Session
 
+from tests.conftest import MACHINE_PG, PG_URL, Database
 from tests.server.test_command_queue import SECRET, add_pc, deliver, later, send
 from wcms.protocol import CommandStatus, CommandType, PcState
+from wcms.server.db import make_engine
 from wcms.server.models import Command, CommandBatch, PcInfo, PowerEvent
 from wcms.server.runtime import Runtime
 from wcms.server.schemas import HeartbeatRequest
 from wcms.server.services import accounts, command_queue, outbox, pc_service, spool
 from wcms.server.services.command_queue import Report
-from wcms.server.services.ratelimit import Rule
+from wcms.server.services.ratelimit import Limits, Rule
 
 ROUNDS = 20
 WAIT = 10.0  # seconds any actor waits for the other before the round is given up
@@ -550,3 +553,39 @@ def test_two_requests_racing_for_the_last_token_of_a_limit_one_passes(rt: Runtim
 
         waits = no_errors(duel.run(take, take))
         assert sorted(w == 0 for w in waits) == [False, True], (i, waits)
+
+
+def test_the_first_requests_of_a_key_racing_its_insert_all_pass(tmp_path: Path) -> None:
+    """44 requests at a barrier take a key that has no row yet, with room for all (a login
+    flood's first second): all pass. One whose UPDATE ran before another's INSERT committed,
+    and whose SELECT after it, was refused as if the limit were reached (seen in CI's login
+    flood test). Always on PostgreSQL, where the requests really run at once."""
+    data = tmp_path / "data"
+    data.mkdir()
+    database = Database(data, pg_url=PG_URL or MACHINE_PG)
+    database.migrate()
+    engine = make_engine(database.url)
+    limits = Limits(engine)
+    rule = Rule(per_minute=30, burst=60)
+    try:
+        for i in range(20):
+            barrier = threading.Barrier(44)
+            waits: list[float] = []
+
+            def take(
+                key: str = f"first-{i}",
+                barrier: threading.Barrier = barrier,
+                waits: list[float] = waits,
+            ) -> None:
+                barrier.wait()
+                waits.append(limits.take(key, rule))
+
+            threads = [threading.Thread(target=take) for _ in range(44)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join(30)
+            assert waits == [0.0] * 44, (i, [w for w in waits if w])
+    finally:
+        engine.dispose()
+        database.drop()

@@ -100,7 +100,12 @@ class Limits:
                     return 0.0
                 tat = conn.execute(_TAT, params).scalar()
             if tat is not None:
-                return max(0.001, float(tat) - rule.tolerance - now)
+                wait = float(tat) - rule.tolerance - now
+                if wait > 0:
+                    return wait
+                # The row appeared between the UPDATE and the SELECT (another request's first
+                # INSERT committed meanwhile) and has room: take it again, do not refuse.
+                continue
             try:
                 with self.engine.begin() as conn:
                     conn.execute(insert(_RL).values(key=key, tat=now + rule.interval))
