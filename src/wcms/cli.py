@@ -34,10 +34,12 @@ def main(argv: list[str] | None = None) -> int:
     if not hasattr(args, "func"):
         parser.print_help()
         return EXIT_USAGE
+    from wcms.server.config import ConfigError
+
     try:
         result: int = args.func(args)
         return result
-    except CliError as exc:
+    except (CliError, ConfigError) as exc:
         print(f"wcms: {exc}", file=sys.stderr)
         return EXIT_ERROR
     except KeyboardInterrupt:

@@ -43,3 +43,25 @@ def test_an_existing_readable_database_file_is_tightened(tmp_path: Path) -> None
         conn.exec_driver_sql("SELECT 1")
     engine.dispose()
     assert _mode(db) == 0o600
+
+
+def test_a_data_dir_every_user_may_write_to_is_refused_and_left_as_it_was(tmp_path: Path) -> None:
+    """WCMS_DATA_DIR=/tmp once turned /tmp into 0700 (tightening "the data dir"), and every
+    other user's program on the machine broke. A shared directory (sticky or world-writable)
+    is refused in one line, and left untouched."""
+    import io
+    from contextlib import redirect_stderr
+    from unittest import mock
+
+    from wcms.cli import main
+
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    err = io.StringIO()
+    env = {"WCMS_DATA_DIR": str(shared), "WCMS_DATABASE_URL": ""}
+    with mock.patch.dict(os.environ, env), redirect_stderr(err):
+        assert main(["db", "upgrade"]) == 1
+    assert err.getvalue().startswith(f"wcms: WCMS_DATA_DIR={shared} is a directory every local")
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o1777
+    assert list(shared.iterdir()) == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import stat
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
@@ -150,6 +151,14 @@ def prepare_data_dir(settings: Settings) -> Path:
     the signing key, which no other local user may read."""
     path = settings.data_dir
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    if path.stat().st_mode & 0o077 and path.stat().st_uid == os.getuid():
+    mode = path.stat().st_mode
+    if mode & (stat.S_ISVTX | stat.S_IWOTH):
+        # Shared by every local user (/tmp, say): tightening it would break the machine, and
+        # leaving it would leave the database and keys beside strangers' files.
+        raise ConfigError(
+            f"WCMS_DATA_DIR={path} is a directory every local user may write to; give WCMS a "
+            "directory of its own (e.g. /var/lib/wcms)"
+        )
+    if mode & 0o077 and path.stat().st_uid == os.getuid():
         path.chmod(0o700)
     return path

@@ -97,8 +97,9 @@ def make_engine(url: str) -> Engine:
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     if url.startswith(("postgresql://", "postgres://")):
-        # psycopg 3 waits through the (gevent-patched) selectors module, so it yields to other
-        # greenlets while PostgreSQL answers (in the server's worker: runner._cooperative_psycopg).
+        # psycopg 3 picks how it waits when first imported: `wcms server run` imports it in the
+        # master, before gevent patches the worker, so the worker's queries wait without
+        # yielding (docs/ARCHITECTURE.md says what that costs and why it stays for now).
         url = "postgresql+psycopg://" + url.split("://", 1)[1]
     # A database host that drops packets must not hang a request for the kernel's connect
     # timeout (minutes): 2 s (libpq's shortest sensible value) unless the URL names its own.

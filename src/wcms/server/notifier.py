@@ -35,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import select
 import threading
 import time
 import uuid
@@ -207,9 +208,16 @@ class PgNotifier(Notifier):
                         log.warning("notifier connected again: caches resync")
                         self.resync()
                     first, wait = False, RECONNECT_WAIT[0]
+                    pgconn = conn.pgconn
                     while not self._stop.is_set():
-                        for note in conn.notifies(timeout=1.0):
-                            self._handle(note.payload)
+                        # select() (gevent's, in the server's worker) rather than psycopg's own
+                        # wait, which the worker may have bound to a blocking one (runner.py).
+                        ready, _, _ = select.select([pgconn.socket], [], [], 1.0)
+                        if not ready:
+                            continue
+                        pgconn.consume_input()  # raises when the connection is gone
+                        while (note := pgconn.notifies()) is not None:
+                            self._handle(note.extra.decode())
             except Exception as exc:
                 if self._connected.is_set():
                     log.warning("notifier lost its connection (%s); reconnecting", exc)

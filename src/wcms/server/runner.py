@@ -63,7 +63,6 @@ class _Gunicorn(BaseApplication):  # type: ignore[misc]
         # Imported in the worker, after gevent has patched the standard library.
         from wcms.server import create_app
 
-        _cooperative_psycopg()
         app = create_app(self.settings)
         # Everything loaded so far (Flask, SQLAlchemy, pydantic, the app) lives as long as the
         # process: keep it out of the cyclic collector, whose full passes over it stalled every
@@ -75,20 +74,6 @@ class _Gunicorn(BaseApplication):  # type: ignore[misc]
         # the CPU of 5,000 idle clients (bench/idle_connections.py). Collect less often.
         gc.set_threshold(*GC_THRESHOLDS)
         return app
-
-
-def _cooperative_psycopg() -> None:
-    """psycopg picks how it waits for PostgreSQL when first imported, and `wcms server run`
-    imports it in the master (the secret check) before gevent patches the worker: it would
-    wait in C, or on the unpatched selectors, blocking the whole worker while PostgreSQL
-    answers (and forever on the notifier's listener). Imported again now, it waits through
-    gevent (connection.py calls `waiting.wait` and `waiting.wait_conn` through the module)."""
-    import importlib
-    import sys
-
-    waiting = sys.modules.get("psycopg.waiting")
-    if waiting is not None:
-        importlib.reload(waiting)
 
 
 def _runtime_of(worker: Any) -> Any:
