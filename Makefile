@@ -50,7 +50,7 @@ pytest: setup
 # skipping, when Wine is missing. Each test process boots its own copy of one prefix.
 WINE_WORKERS ?= 2
 test-wine: setup
-	WCMS_REQUIRE_WINE=1 $(BIN)/pytest -n $(WINE_WORKERS) -m wine $(PYTEST_ARGS)
+	WCMS_REQUIRE_WINE=1 WCMS_TEST_PORT_BASE=8000 $(BIN)/pytest -n $(WINE_WORKERS) -m wine $(PYTEST_ARGS)
 
 # Delete each named guard in turn (tools/mutants.py) and show a test fails for each.
 mutants: setup

@@ -38,7 +38,9 @@ ROOT = Path(__file__).resolve().parent.parent
 # wrong server's PIN).
 PORTS_PER_WORKER = 1000
 _WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
-_PORT_BASE = 20000 + (_WORKER % 12) * PORTS_PER_WORKER
+# Two runs at once on one machine (CI runs the Wine suite beside the PostgreSQL pass) need bases
+# of their own: WCMS_TEST_PORT_BASE (make test-wine sets 8000: 8000-9999 for its 2 workers).
+_PORT_BASE = int(os.environ.get("WCMS_TEST_PORT_BASE", "20000")) + (_WORKER % 12) * PORTS_PER_WORKER
 _ports = itertools.count()
 
 
