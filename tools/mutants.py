@@ -338,8 +338,7 @@ GUARDS = [
     Guard(
         "leader-lease",
         "src/wcms/server/lease.py",
-        '_TAKE = text("SELECT pg_try_advisory_lock(CAST(:k AS integer), '
-        'hashtext(current_schema()))")',
+        '_TAKE = text(f"SELECT pg_try_advisory_lock({_KEY})")',
         '_TAKE = text("SELECT true")',
         (
             f"{NODES}::test_exactly_one_node_leads_and_a_standby_takes_over_when_it_dies",
@@ -350,7 +349,7 @@ GUARDS = [
     Guard(
         "sqlite-one-worker",
         "src/wcms/server/config.py",
-        'if settings.workers > 1 and settings.sqlalchemy_url.startswith("sqlite"):',
+        "if settings.workers > 1 and settings.on_sqlite:",
         "if False:",
         (
             "tests/server/test_workers.py::test_more_than_one_worker_on_sqlite_is_refused_in_one_line",

@@ -126,12 +126,10 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _settings(**overrides: Any) -> Any:
-    from wcms.server.config import ConfigError, load_settings
+    """The settings, with the flags given; a bad value is a ConfigError, which main() prints."""
+    from wcms.server.config import load_settings
 
-    try:
-        return load_settings({k: v for k, v in overrides.items() if v is not None})
-    except ConfigError as exc:
-        raise CliError(str(exc)) from None
+    return load_settings({k: v for k, v in overrides.items() if v is not None})
 
 
 @contextmanager

@@ -60,7 +60,12 @@ class Settings:
         """The worker processes to run: `workers`, or the default for the database."""
         if self.workers:
             return self.workers
-        return 1 if self.sqlalchemy_url.startswith("sqlite") else (os.cpu_count() or 1)
+        return 1 if self.on_sqlite else (os.cpu_count() or 1)
+
+    @property
+    def on_sqlite(self) -> bool:
+        """SQLite serves one process (one writer, and no notifier between processes)."""
+        return self.sqlalchemy_url.startswith("sqlite")
 
     @property
     def sqlalchemy_url(self) -> str:
@@ -116,7 +121,7 @@ def load_settings(overrides: dict[str, Any] | None = None) -> Settings:
         raise ConfigError(f"WCMS_HASH_NICE={settings.hash_nice} is not between 0 and 19")
     if settings.workers < 0:
         raise ConfigError(f"WCMS_WORKERS={settings.workers} is not a number of processes")
-    if settings.workers > 1 and settings.sqlalchemy_url.startswith("sqlite"):
+    if settings.workers > 1 and settings.on_sqlite:
         raise ConfigError(
             f"WCMS_WORKERS={settings.workers}: SQLite serves one process (one writer, and "
             "nothing to tell the others); use 1, or PostgreSQL (WCMS_DATABASE_URL) for more"
@@ -151,14 +156,14 @@ def prepare_data_dir(settings: Settings) -> Path:
     the signing key, which no other local user may read."""
     path = settings.data_dir
     path.mkdir(mode=0o700, parents=True, exist_ok=True)
-    mode = path.stat().st_mode
-    if mode & (stat.S_ISVTX | stat.S_IWOTH):
+    info = path.stat()
+    if info.st_mode & (stat.S_ISVTX | stat.S_IWOTH):
         # Shared by every local user (/tmp, say): tightening it would break the machine, and
         # leaving it would leave the database and keys beside strangers' files.
         raise ConfigError(
             f"WCMS_DATA_DIR={path} is a directory every local user may write to; give WCMS a "
             "directory of its own (e.g. /var/lib/wcms)"
         )
-    if mode & 0o077 and path.stat().st_uid == os.getuid():
+    if info.st_mode & 0o077 and info.st_uid == os.getuid():
         path.chmod(0o700)
     return path

@@ -21,7 +21,9 @@ from sqlalchemy import Connection, Engine, text
 log = logging.getLogger(__name__)
 
 LEADER_LOCK = 0x6C656164  # "lead": the first key; the second is the schema's hash
-_TAKE = text("SELECT pg_try_advisory_lock(CAST(:k AS integer), hashtext(current_schema()))")
+_KEY = "CAST(:k AS integer), hashtext(current_schema())"  # the two int4 keys
+_TAKE = text(f"SELECT pg_try_advisory_lock({_KEY})")
+_RELEASE = text(f"SELECT pg_advisory_unlock({_KEY})")
 _HOLDS = text(
     "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND granted"
     " AND pid = pg_backend_pid() AND classid::bigint = :k"
@@ -69,12 +71,7 @@ class LeaderLease:
         """Let a standby take over at once (a graceful stop)."""
         if self._conn is not None:
             try:
-                self._conn.execute(
-                    text(
-                        "SELECT pg_advisory_unlock(CAST(:k AS integer), hashtext(current_schema()))"
-                    ),
-                    {"k": LEADER_LOCK},
-                )
+                self._conn.execute(_RELEASE, {"k": LEADER_LOCK})
             except Exception:
                 log.debug("the leader lease was not released cleanly", exc_info=True)
             self._drop()

@@ -125,7 +125,6 @@ class PgNotifier(Notifier):
         self._lock = threading.Lock()
         self._has_outgoing = threading.Event()
         self._threads: list[threading.Thread] = []
-        self.received = 0  # messages from other processes handled (for /healthz and tests)
 
     @property
     def trusted(self) -> bool:
@@ -165,10 +164,10 @@ class PgNotifier(Notifier):
     def _payloads(self, kind: str, data: Any) -> list[str]:
         """One payload, or several under PostgreSQL's limit: a list splits into chunks."""
         whole = self._payload(kind, data)
-        if len(whole.encode()) <= MAX_PAYLOAD or not isinstance(data, list) or len(data) < 2:
-            if len(whole.encode()) > MAX_PAYLOAD:  # one item too large: say only "resync"
-                return [self._payload("resync", None)]
-            return [whole]
+        fits = len(whole.encode()) <= MAX_PAYLOAD
+        if fits or not isinstance(data, list) or len(data) < 2:
+            # One item too large: say only "resync".
+            return [whole] if fits else [self._payload("resync", None)]
         half = len(data) // 2
         return self._payloads(kind, data[:half]) + self._payloads(kind, data[half:])
 
@@ -237,7 +236,6 @@ class PgNotifier(Notifier):
             return
         if origin == self.origin:
             return  # this process applied it before sending
-        self.received += 1
         if kind == "resync":
             self.resync()
         else:
