@@ -356,6 +356,16 @@ GUARDS = [
         ),
     ),
     Guard(
+        "shared-data-dir",
+        "src/wcms/server/config.py",
+        "    if info.st_mode & (stat.S_ISVTX | stat.S_IWOTH):",
+        "    if False:",
+        (
+            "tests/security/test_file_modes.py::"
+            "test_a_data_dir_every_user_may_write_to_is_refused_and_left_as_it_was",
+        ),
+    ),
+    Guard(
         "resync-on-reconnect",
         "src/wcms/server/notifier.py",
         """                        log.warning("notifier connected again: caches resync")
