@@ -12,6 +12,10 @@ STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 # under load and run alone afterwards.
 TEST_WORKERS ?= 6
 
+# Python caches compiled modules in __pycache__ unless told not to (some machines' environments
+# do): without the cache every server, client and test process compiles the same sources again.
+unexport PYTHONDONTWRITEBYTECODE
+
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
 	  { echo "WCMS needs Python 3.11 or newer ($(PYTHON) is $$($(PYTHON) -V))"; exit 1; }

@@ -4,6 +4,7 @@ deploy/haproxy.cfg): kill -9 either, and every PC stays online through the other
 
 from __future__ import annotations
 
+import http.client as http_client
 import os
 import re
 import shutil
@@ -91,7 +92,9 @@ def test_kill_9_a_node_behind_haproxy_and_no_pc_is_ever_shown_lost(tmp_path: Pat
                         status, _ = http(
                             "POST", front + "/api/client/heartbeat", body, pc["token"], timeout=3
                         )
-                    except OSError as exc:
+                    except (OSError, http_client.HTTPException) as exc:
+                        # A node killed while answering cuts the response mid-body: a failed
+                        # heartbeat, retried at the next beat, as the real client does.
                         status = type(exc).__name__  # type: ignore[assignment]
                     if status == 200:
                         last_ok[pc["machine_id"]] = time.monotonic()
