@@ -373,6 +373,39 @@ GUARDS = [
         """                        log.warning("notifier connected again: caches resync")""",
         (f"{NODES}::test_a_listener_that_lost_its_connection_resyncs_and_hears_again",),
     ),
+    # What several processes keep in the database (issue 12), deleted.
+    Guard(
+        "sample-per-slot",
+        "src/wcms/server/migrations/versions/0004_scale_out.py",
+        '["pc_id", "slot"], unique=True',
+        '["pc_id", "slot"], unique=False',
+        (
+            "tests/server/test_heartbeat_writer.py::"
+            "test_two_processes_write_one_history_sample_per_pc_and_slot",
+        ),
+    ),
+    Guard(
+        "lists-compared-with-db",
+        "src/wcms/server/services/heartbeats.py",
+        """            disks_hash, procs_hash = stored.get(pc_id, (None, None))""",
+        """            disks_hash, procs_hash = None, None""",
+        (
+            "tests/server/test_heartbeat_writer.py::"
+            "test_lists_another_process_wrote_are_replaced_and_unchanged_ones_not_rewritten",
+        ),
+    ),
+    Guard(
+        "pin-wrong-tries",
+        "src/wcms/server/services/accounts.py",
+        """    for row in worn:
+        row.revoked_at = now
+""",
+        "",
+        (
+            "tests/security/test_pin_race.py::"
+            "test_a_live_pin_is_revoked_after_its_budget_of_wrong_pins_from_anywhere",
+        ),
+    ),
 ]
 
 

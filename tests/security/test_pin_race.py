@@ -15,7 +15,7 @@ from typing import Any
 
 import sqlalchemy
 
-from tests.conftest import LiveServer
+from tests.conftest import PG_URL, LiveServer
 from wcms.server.services.ratelimit import PIN_PER_ADDRESS
 
 
@@ -94,3 +94,61 @@ def test_wrong_used_and_expired_pins_get_one_answer_and_are_logged(make_server: 
     assert used[0] == wrong[0] == 403
     assert used[1] == wrong[1]  # the same code and message: a guesser learns nothing
     assert "wrong registration PIN from 127.0.0.1 (machine TEST-PIN-0000000003)" in server.log()
+
+
+def _race(server: LiveServer, tries: list[tuple[str, str, str]]) -> list[int]:
+    """Registrations (address, machine id, PIN) sent but for their last byte, then completed
+    at once; their statuses, in order."""
+    pending = []
+    for address, machine_id, pin in tries:
+        sock = socket.create_connection(
+            ("127.0.0.1", server.port), timeout=60, source_address=(address, 0)
+        )
+        start, last = _request(machine_id, pin)
+        sock.sendall(start)
+        pending.append((sock, last))
+    for sock, last in pending:
+        sock.sendall(last)
+    return [_status(sock) for sock, _ in pending]
+
+
+def test_a_live_pin_is_revoked_after_its_budget_of_wrong_pins_from_anywhere(
+    make_server: Any,
+) -> None:
+    """Issue 12: a guesser spread over many addresses (each under its own limit) still spends
+    one budget per live PIN. Here 29 wrong PINs from 29 addresses race (two workers on
+    PostgreSQL: really at once); every one counts, the PIN still works; the 30th, from yet
+    another address, revokes it; a PIN made afterwards starts from nothing."""
+    workers = "2" if PG_URL else "1"  # SQLite serves one process
+    server: LiveServer = make_server(WCMS_PIN_WRONG_TRIES="30", WCMS_WORKERS=workers)
+
+    def create(multi: bool) -> tuple[int, str]:
+        body = {"multi_use": multi, "expires_minutes": 60, "auto_approve": True}
+        made = server.admin("POST", "/api/pins", body)
+        return made["id"], made["pin"]
+
+    def pins() -> dict[int, Any]:
+        return {p["id"]: p for p in server.admin("GET", "/api/pins")["pins"]}
+
+    pin_id, pin = create(multi=True)
+    wrong = "000000" if pin != "000000" else "000001"
+
+    statuses = _race(server, [(f"127.0.1.{n}", f"TEST-GUESS-{n:04d}", wrong) for n in range(1, 30)])
+    assert statuses == [403] * 29, statuses
+    mine = pins()[pin_id]
+    assert mine["wrong_tries"] == 29 and mine["live"], mine
+    assert _race(server, [("127.0.2.1", "TEST-GUESS-RIGHT-1", pin)]) == [201]
+
+    assert _race(server, [("127.0.3.1", "TEST-GUESS-0030", wrong)]) == [403]
+    mine = pins()[pin_id]
+    assert mine["wrong_tries"] == 30 and mine["revoked"] and not mine["live"], mine
+    assert _race(server, [("127.0.2.2", "TEST-GUESS-RIGHT-2", pin)]) == [403]
+    entries = server.admin("GET", "/api/audit")["entries"]
+    assert any(
+        e["actor"] == "system" and e["action"] == "pin.revoke" and e["details"]["wrong_tries"] == 30
+        for e in entries
+    ), entries
+
+    fresh_id, fresh = create(multi=False)
+    assert pins()[fresh_id]["wrong_tries"] == 0
+    assert _race(server, [("127.0.2.3", "TEST-GUESS-RIGHT-3", fresh)]) == [201]

@@ -43,6 +43,9 @@ class Settings:
     # with a thousand PCs behind one address needs about two per PC: a long poll and a call),
     # and the deadlines for a request's headers (from its first byte) and its body.
     max_connections_per_address: int = 2000
+    # Wrong PINs tried from anywhere that a live PIN outlives: at this many it is revoked, so a
+    # guesser spread over many addresses finds a 6-digit PIN with odds of at most 1 in 1,000.
+    pin_wrong_tries: int = 1000
     # Password hashing (argon2) runs in a thread this much nicer than request handling, so a
     # login flood cannot slow the shutdown signal (0 to 19; 0: no lower than the requests).
     hash_nice: int = 10
@@ -117,6 +120,8 @@ def load_settings(overrides: dict[str, Any] | None = None) -> Settings:
         raise ConfigError(f"WCMS_PORT={settings.port} is out of range")
     if settings.max_connections_per_address < 1:
         raise ConfigError("WCMS_MAX_CONNECTIONS_PER_ADDRESS must be at least 1")
+    if settings.pin_wrong_tries < 1:
+        raise ConfigError("WCMS_PIN_WRONG_TRIES must be at least 1")
     if not 0 <= settings.hash_nice <= 19:
         raise ConfigError(f"WCMS_HASH_NICE={settings.hash_nice} is not between 0 and 19")
     if settings.workers < 0:

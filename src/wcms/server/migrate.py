@@ -15,7 +15,7 @@ from sqlalchemy import Engine, inspect, text
 if TYPE_CHECKING:
     from alembic.config import Config
 
-HEAD = "0003"  # the newest revision under migrations/versions: the schema the code expects
+HEAD = "0004"  # the newest revision under migrations/versions: the schema the code expects
 HEAD_DESCRIPTION = "the schema the code expects"
 
 

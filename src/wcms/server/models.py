@@ -116,19 +116,28 @@ class PcMetrics(Base):
     uptime: Mapped[float | None] = mapped_column(Float)
     disks: Mapped[list[dict[str, Any]]] = mapped_column(JSON, default=list)
     processes: Mapped[list[str]] = mapped_column(JSON, default=list)
+    # What the lists above hash to (pc_service.list_hash): every process compares a heartbeat's
+    # lists with these, so a list written by another process is never taken for its own.
+    disks_hash: Mapped[int | None] = mapped_column(BigInteger)
+    processes_hash: Mapped[int | None] = mapped_column(BigInteger)
 
 
 class MetricSample(Base):
-    """A sampled history of load (at most one row per PC per sample interval), kept N days."""
+    """A sampled history of load, kept N days: at most one row per PC per sample interval
+    (`slot`: its time // the interval), whichever process or node writes it."""
 
     __tablename__ = "metric_samples"
-    __table_args__ = (Index("ix_metric_samples_pc_at", "pc_id", "at"),)
+    __table_args__ = (
+        Index("ix_metric_samples_pc_at", "pc_id", "at"),
+        Index("ux_metric_samples_pc_slot", "pc_id", "slot", unique=True),
+    )
 
     id: Mapped[int] = mapped_column(BigInteger().with_variant(Integer, "sqlite"), primary_key=True)
     pc_id: Mapped[int] = mapped_column(ForeignKey("pc_info.id", ondelete="CASCADE"))
     at: Mapped[dt.datetime] = mapped_column(UTCDateTime)
     cpu_percent: Mapped[float | None] = mapped_column(Float)
     ram_percent: Mapped[float | None] = mapped_column(Float)
+    slot: Mapped[int | None] = mapped_column(BigInteger)  # None: written before 0004
 
 
 class PowerEvent(Base):
@@ -217,6 +226,8 @@ class RegistrationPin(Base):
     revoked_at: Mapped[dt.datetime | None] = mapped_column(UTCDateTime)
     # PCs registered with this PIN are approved at once (the admin vouches for where it is used).
     auto_approve: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    # Wrong PINs tried anywhere while this one was live; at Settings.pin_wrong_tries it is revoked.
+    wrong_tries: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
 
 
 class AuditLog(Base):

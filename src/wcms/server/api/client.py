@@ -18,7 +18,7 @@ from wcms.server.errors import ApiError
 from wcms.server.models import PcInfo
 from wcms.server.openapi import documented
 from wcms.server.schemas import HeartbeatRequest, RegisterRequest, ShutdownRequest
-from wcms.server.services import accounts, agent, pc_service, ratelimit
+from wcms.server.services import accounts, agent, audit, pc_service, ratelimit
 from wcms.server.services.errors import DomainError, Unauthenticated
 
 log = logging.getLogger(__name__)
@@ -63,6 +63,15 @@ def register() -> ResponseReturnValue:
     except DomainError:
         s.rollback()
         log.warning("wrong registration PIN from %s (machine %s)", addr, req.machine_id)
+        # Every live PIN counts the wrong try, whichever address or node it came from. Committed
+        # here, below the 403: the count must outlive the refusal.
+        worn = accounts.count_wrong_pin(s, now, rt.settings.pin_wrong_tries)
+        for row in worn:
+            log.warning("PIN ****%s revoked after %d wrong PINs", row.hint, row.wrong_tries)
+            audit.record(
+                s, "system", "pin.revoke", now, f"****{row.hint}", {"wrong_tries": row.wrong_tries}
+            )
+        s.commit()
         raise
     try:
         pc, token, transition = pc_service.register(

@@ -367,6 +367,30 @@ def consume_pin(session: Session, secret_key: str, pin: str, now: dt.datetime) -
     )
 
 
+def count_wrong_pin(session: Session, now: dt.datetime, limit: int) -> list[RegistrationPin]:
+    """A wrong PIN was tried (from anywhere): every live PIN counts it, and those that reach
+    `limit` are revoked; answers them (to audit). One UPDATE per step, so tries counted at once
+    by several processes all count. Flushes; the caller commits."""
+    pins = table(RegistrationPin)
+    live = (pins.c.revoked_at.is_(None)) & (pins.c.expires_at > now)
+    session.execute(update(pins).where(live).values(wrong_tries=pins.c.wrong_tries + 1))
+    worn = (
+        session.execute(
+            select(RegistrationPin).where(
+                RegistrationPin.revoked_at.is_(None),
+                RegistrationPin.expires_at > now,
+                RegistrationPin.wrong_tries >= limit,
+            )
+        )
+        .scalars()
+        .all()
+    )
+    for row in worn:
+        row.revoked_at = now
+    session.flush()
+    return list(worn)
+
+
 def parse_duration(text: str) -> dt.timedelta:
     """'90s', '10m', '2h', '1d' or plain minutes -> timedelta; AccountError when unreadable."""
     m = re.fullmatch(r"\s*(\d{1,6})\s*([smhd]?)\s*", text)

@@ -5,6 +5,11 @@ flushes every `flush_interval` in one transaction (an executemany UPDATE). Anyth
 a PC's state (offline -> online, an event like logon) is written at once by the slow path.
 If another process flipped a PC offline meanwhile, the conditional UPDATE leaves it alone and
 the PC is brought back through the slow path, as long as its heartbeat is newer than the flip.
+
+What holds with several processes and nodes is kept in the database, not in this process: a
+history sample is one per PC and slot (a unique index; a second process's INSERT does nothing),
+and a heartbeat's disk and process lists are written when they differ from the stored ones'
+hashes, whoever stored them.
 """
 
 from __future__ import annotations
@@ -24,16 +29,16 @@ from sqlalchemy import (
     bindparam,
     case,
     func,
-    insert,
     select,
     update,
 )
+from sqlalchemy.dialects.postgresql import insert as insert_or_skip
 from sqlalchemy.orm import Session
 
 from wcms.protocol import PcState
 from wcms.server.db import BatchStatement, table
 from wcms.server.models import MetricSample, PcInfo, PcMetrics
-from wcms.server.schemas import Disk, HeartbeatRequest
+from wcms.server.schemas import HeartbeatRequest
 from wcms.server.services import pc_service
 from wcms.server.services.pc_service import Transition
 
@@ -78,21 +83,32 @@ _WRITE_METRICS = BatchStatement(
 _WRITE_DISKS = BatchStatement(
     update(_M)
     .where(_M.c.pc_id == bindparam("b_id"))
-    .values(disks=bindparam("b_disks", type_=_M.c.disks.type))
+    .values(
+        disks=bindparam("b_disks", type_=_M.c.disks.type),
+        disks_hash=bindparam("b_hash", type_=BigInteger),
+    )
 )
 _WRITE_PROCESSES = BatchStatement(
     update(_M)
     .where(_M.c.pc_id == bindparam("b_id"))
-    .values(processes=bindparam("b_procs", type_=_M.c.processes.type))
+    .values(
+        processes=bindparam("b_procs", type_=_M.c.processes.type),
+        processes_hash=bindparam("b_hash", type_=BigInteger),
+    )
 )
 _S = table(MetricSample)
+# ON CONFLICT DO NOTHING (PostgreSQL and SQLite alike): the sample of a slot another process
+# wrote first is dropped, not an error.
 _WRITE_SAMPLE = BatchStatement(
-    insert(_S).values(
+    insert_or_skip(_S)
+    .values(
         pc_id=bindparam("b_id", type_=_S.c.pc_id.type),
         at=bindparam("b_at", type_=_S.c.at.type),
+        slot=bindparam("b_slot", type_=BigInteger),
         cpu_percent=bindparam("b_cpu", type_=_S.c.cpu_percent.type),
         ram_percent=bindparam("b_ram", type_=_S.c.ram_percent.type),
     )
+    .on_conflict_do_nothing()
 )
 
 
@@ -107,17 +123,16 @@ class HeartbeatBuffer:
         self._lock = threading.Lock()
         self._pending: dict[int, Pending] = {}
         self._online: set[int] = set()  # PCs this process has seen online
-        self._last_sample: dict[int, dt.datetime] = {}
-        # What this process last wrote of each PC's lists: (hash of disks, hash of processes).
-        self._lists_written: dict[int, tuple[int | None, int | None]] = {}
-        self.sample_interval = dt.timedelta(seconds=sample_interval)
+        # The slot of each PC's last sample this process wrote: it skips the INSERTs that
+        # cannot write (the unique index is what holds across processes).
+        self._last_slot: dict[int, int] = {}
+        self.sample_interval = sample_interval
 
     def knows_online(self, pc_id: int) -> bool:
         return pc_id in self._online
 
     def set_online(self, pc_id: int, online: bool) -> None:
         with self._lock:
-            self._lists_written.pop(pc_id, None)  # the slow path may have written other lists
             if online:
                 self._online.add(pc_id)
             else:
@@ -199,11 +214,17 @@ class HeartbeatBuffer:
                     "b_uptime": hb.uptime,
                 }
             )
-            last = self._last_sample.get(pc_id)
-            if hb.cpu_percent is not None and (last is None or p.at - last >= self.sample_interval):
-                self._last_sample[pc_id] = p.at
+            slot = int(p.at.timestamp() // self.sample_interval)
+            if hb.cpu_percent is not None and self._last_slot.get(pc_id) != slot:
+                self._last_slot[pc_id] = slot
                 samples.append(
-                    {"b_id": pc_id, "b_at": p.at, "b_cpu": hb.cpu_percent, "b_ram": hb.ram_percent}
+                    {
+                        "b_id": pc_id,
+                        "b_at": p.at,
+                        "b_slot": slot,
+                        "b_cpu": hb.cpu_percent,
+                        "b_ram": hb.ram_percent,
+                    }
                 )
         conn = session.connection()
         _WRITE_SEEN.execute(conn, pc_rows)
@@ -214,22 +235,34 @@ class HeartbeatBuffer:
         return self._revive(session, pending, offline_after)
 
     def _write_lists(self, conn: Connection, pending: dict[int, Pending]) -> None:
-        """Disks and processes (JSON lists): written only when they differ from what this
-        process last wrote for the PC, which for most heartbeats they do not."""
-        disk_rows, proc_rows = [], []
-        for pc_id, p in pending.items():
-            disks, procs = p.hb.disks, p.hb.processes
-            last = self._lists_written.get(pc_id, (None, None))
-            disks_key = None if disks is None else _disks_key(disks)
-            procs_key = None if procs is None else hash(tuple(procs))
-            if disks is not None and disks_key != last[0]:
-                disk_rows.append({"b_id": pc_id, "b_disks": [d.model_dump() for d in disks]})
-            if procs is not None and procs_key != last[1]:
-                proc_rows.append({"b_id": pc_id, "b_procs": procs})
-            self._lists_written[pc_id] = (
-                last[0] if disks_key is None else disks_key,
-                last[1] if procs_key is None else procs_key,
+        """Disks and processes (JSON lists): written only when they differ from the stored
+        lists, compared by hash with what the database holds (one SELECT for the chunk), so a
+        list another process wrote meanwhile is replaced as soon as it differs."""
+        reported = {
+            pc_id: (
+                None if p.hb.disks is None else [d.model_dump() for d in p.hb.disks],
+                p.hb.processes,
             )
+            for pc_id, p in pending.items()
+            if p.hb.disks is not None or p.hb.processes is not None
+        }
+        if not reported:
+            return
+        stored = {
+            row.pc_id: (row.disks_hash, row.processes_hash)
+            for row in conn.execute(
+                select(_M.c.pc_id, _M.c.disks_hash, _M.c.processes_hash).where(
+                    _M.c.pc_id.in_(reported)
+                )
+            )
+        }
+        disk_rows, proc_rows = [], []
+        for pc_id, (disks, procs) in reported.items():
+            disks_hash, procs_hash = stored.get(pc_id, (None, None))
+            if disks is not None and (h := pc_service.list_hash(disks)) != disks_hash:
+                disk_rows.append({"b_id": pc_id, "b_disks": disks, "b_hash": h})
+            if procs is not None and (h := pc_service.list_hash(procs)) != procs_hash:
+                proc_rows.append({"b_id": pc_id, "b_procs": procs, "b_hash": h})
         _WRITE_DISKS.execute(conn, disk_rows)
         _WRITE_PROCESSES.execute(conn, proc_rows)
 
@@ -250,7 +283,6 @@ class HeartbeatBuffer:
             if p.at <= pc.state_since:
                 self.set_online(pc.id, False)  # the heartbeat predates the shutdown: drop it
                 continue
-            self._lists_written.pop(pc.id, None)
             try:
                 t = pc_service.apply_heartbeat(session, pc, p.hb, p.at, offline_after)
             except pc_service.SignedOff:  # from an agent that signed off: drop it
@@ -260,7 +292,3 @@ class HeartbeatBuffer:
                 revived.append(t)
         session.commit()
         return revived
-
-
-def _disks_key(disks: list[Disk]) -> int:
-    return hash(tuple((d.mount, d.fstype, d.total, d.used) for d in disks))

@@ -8,6 +8,8 @@ Functions take the session and `now`, and own their transaction.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
+import json
 import logging
 import secrets
 from dataclasses import dataclass
@@ -280,13 +282,24 @@ def metric_values(hb: HeartbeatRequest, now: dt.datetime) -> dict[str, Any]:
     """The pc_metrics columns a heartbeat sets: its time and every reading it carries."""
     values: dict[str, Any] = {
         name: getattr(hb, name)
-        for name in ("cpu_percent", "ram_used", "ram_percent", "uptime", "processes")
+        for name in ("cpu_percent", "ram_used", "ram_percent", "uptime")
         if getattr(hb, name) is not None
     }
     values["at"] = now
+    # The lists with their hashes, which the heartbeat writer compares .
+    if hb.processes is not None:
+        values["processes"] = hb.processes
+        values["processes_hash"] = list_hash(hb.processes)
     if hb.disks is not None:
         values["disks"] = [d.model_dump() for d in hb.disks]
+        values["disks_hash"] = list_hash(values["disks"])
     return values
+
+
+def list_hash(items: list[Any]) -> int:
+    """A stable 64-bit hash of a JSON list (the same in every process, unlike hash())."""
+    text = json.dumps(items, separators=(",", ":"), sort_keys=True).encode()
+    return int.from_bytes(hashlib.blake2b(text, digest_size=8).digest(), "big", signed=True)
 
 
 REREGISTER_WINDOW = dt.timedelta(hours=1)  # an admin's "allow re-registration" lasts this long

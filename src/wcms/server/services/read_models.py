@@ -177,6 +177,7 @@ def pin_view(pin: RegistrationPin, now: dt.datetime) -> dict[str, Any]:
         "multi_use": pin.multi_use,
         "auto_approve": pin.auto_approve,
         "uses": pin.uses,
+        "wrong_tries": pin.wrong_tries,
         "created_by": pin.created_by,
         "created_at": iso(pin.created_at),
         "expires_at": iso(pin.expires_at),

@@ -58,7 +58,11 @@
       t(p.multi_use ? "admin.pin_multi" : "admin.pin_single") + (p.auto_approve ? " · " + t("admin.pin_approve") : ""),
       String(p.uses),
       W.when(p.expires_at),
-      el("span", { class: "pill " + (p.live ? "live" : "dead"), text: t(p.revoked ? "admin.revoked" : p.live ? "admin.live" : "admin.expired") }),
+      el("span", {
+        class: "pill " + (p.live ? "live" : "dead"),
+        text: t(p.revoked ? "admin.revoked" : p.live ? "admin.live" : "admin.expired"),
+        title: t("admin.wrong_tries", { n: p.wrong_tries }),
+      }),
       p.live
         ? button(t("admin.revoke"), "danger", async () => {
             if (await W.confirmDialog(t("admin.revoke_pin"), p.hint, t("admin.revoke"))) {
