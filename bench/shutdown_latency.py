@@ -34,6 +34,7 @@ from _common import (
     common_args,
     emit,
     generator_gc_paused,
+    get_json,
     heartbeat_all,
     heartbeat_body,
     latency_ms,
@@ -155,6 +156,8 @@ async def main_async(args: argparse.Namespace) -> int:
         with generator_gc_paused():
             run, sent_for = await drive(pcs, args.rate, args.duration, args.warmup, cycle)
         cpu = (server.cpu_seconds() - cpu0) / (time.monotonic() - wall0)
+        # Signals per commit (group commit): the worker that answered, one of them if several.
+        grouped = (await get_json(server.port, "/healthz"))[1]["shutdown_signals"]
         server.stop_profile()
         tracebacks = server.errors_in_log()
         for pc in pcs:
@@ -185,6 +188,7 @@ async def main_async(args: argparse.Namespace) -> int:
             for sec, v in sorted(run.slow.items(), key=lambda kv: -kv[1])[:5]
         },
         "server_cpu_percent_of_one_core": round(cpu * 100, 1),
+        "signals_per_commit": round(grouped["signals"] / max(grouped["commits"], 1), 2),
         "errors": run.errors,
         "shutdowns_before_comeback": run.not_online,
         "server_tracebacks": tracebacks,
@@ -198,7 +202,8 @@ async def main_async(args: argparse.Namespace) -> int:
         f"  shutdown  p50 {sd.get('p50')} ms  p95 {sd.get('p95')} ms  p99 {sd.get('p99')} ms  "
         f"max {sd.get('max')} ms  (n={sd.get('n')})\n"
         f"  heartbeat p50 {hb.get('p50')} ms  p99 {hb.get('p99')} ms;  generator lag p99 "
-        f"{lag.get('p99')} ms;  server CPU {figures['server_cpu_percent_of_one_core']} %\n"
+        f"{lag.get('p99')} ms;  server CPU {figures['server_cpu_percent_of_one_core']} %;  "
+        f"signals per commit {figures['signals_per_commit']}\n"
         f"  errors {run.errors or 'none'}; shutdowns before comeback {run.not_online}; "
         f"target p99 < 10 ms: {'MET' if figures['met'] else 'MISSED'}"
     )

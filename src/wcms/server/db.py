@@ -188,6 +188,31 @@ class BatchStatement:
         finally:
             cursor.close()
 
+    def fetch_each(
+        self, conn: Connection, rows: list[dict[str, Any]]
+    ) -> list[list[tuple[Any, ...]]]:
+        """Run for every row, in `conn`'s transaction, and answer each run's rows (RETURNING).
+        psycopg sends them all before reading an answer (its executemany pipelines): one wait
+        for the database instead of one per row; sqlite3 runs them one by one."""
+        if not rows:
+            return []
+        sql, params = self._params(conn, rows)
+        cursor = conn.connection.cursor()
+        try:
+            if conn.dialect.driver != "psycopg":
+                results = []
+                for one in params:
+                    cursor.execute(sql, one)
+                    results.append([tuple(r) for r in cursor.fetchall()])
+                return results
+            cursor.executemany(sql, params, returning=True)  # type: ignore[call-arg]
+            results = [[tuple(r) for r in cursor.fetchall()]]
+            while cursor.nextset():
+                results.append([tuple(r) for r in cursor.fetchall()])
+            return results
+        finally:
+            cursor.close()
+
 
 _ROW = object()  # BatchStatement: the value comes from each row
 

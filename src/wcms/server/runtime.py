@@ -24,7 +24,7 @@ from wcms.server.services.doorbell import Doorbell
 from wcms.server.services.heartbeats import HeartbeatBuffer
 from wcms.server.services.live import Bus
 from wcms.server.services.outbox import Outbox
-from wcms.server.services.pc_service import Transition
+from wcms.server.services.pc_service import SignalWriter, Transition
 from wcms.server.services.ratelimit import Limits
 from wcms.server.services.spool import ShutdownJournal, apply_kept
 
@@ -148,6 +148,8 @@ class Runtime:
     notifier: Notifier = field(init=False)
     # Whether this process runs the background duties of all (server/lease.py).
     lease: LeaderLease = field(init=False)
+    # Shutdown signals, many per commit on PostgreSQL (pc_service.SignalWriter).
+    signals: SignalWriter = field(init=False)
 
     def __post_init__(self) -> None:
         self.spool = ShutdownJournal(self.settings.data_dir / "spool")
@@ -155,6 +157,7 @@ class Runtime:
         self.limiters = Limiters(self.engine, self.settings.hash_nice)
         self.notifier = for_engine(self.engine)
         self.lease = LeaderLease(self.engine)
+        self.signals = SignalWriter(gather=not self.settings.on_sqlite)
         self.notifier.on("wake", self.doorbell.ring)
         self.notifier.on("revoke", self._revoked_elsewhere)
         self.notifier.on("settings", self._settings_elsewhere)

@@ -38,6 +38,8 @@ def healthz() -> ResponseReturnValue:
         "kept_shutdown_signals": rt.spool.pending,
         # Command long polls waiting in this process (tests wait on it instead of sleeping).
         "waiting_polls": rt.doorbell.waiting,
+        # Shutdown signals this process wrote, and the commits they took (group commit).
+        "shutdown_signals": {"signals": rt.signals.signals, "commits": rt.signals.commits},
         # Whether this process runs the background duties for all (server/lease.py).
         "leader": rt.lease.leading,
         # How this process hears of the others' changes (server/notifier.py).

@@ -114,13 +114,14 @@ def going_down(rt: Runtime, s: Session, who: PcIdentity, reason: str) -> dict[st
     says `"queued": true`. While signals wait there, new ones join them, so none overtakes an
     older one.
 
-    Commits: set_offline_immediately commits the flip before it is published on the bus.
+    Commits: the flip is committed (with other PCs' signals: pc_service.SignalWriter) before it
+    is published on the bus and answered.
     """
     now = utcnow()
     rt.buffer.set_online(who.pc_id, False)  # a buffered heartbeat must not revive it
     if not rt.spool.pending:
         try:
-            rt.publish(pc_service.set_offline_immediately(s, who.machine_id, reason, now))
+            rt.publish(rt.signals.go_offline(s, who.machine_id, reason, now))
             return {"state": PcState.OFFLINE, "reason": reason}
         except SQLAlchemyError as exc:
             if not db_unavailable(exc):

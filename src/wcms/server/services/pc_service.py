@@ -7,12 +7,15 @@ Functions take the session and `now`, and own their transaction.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
 import logging
 import secrets
-from dataclasses import dataclass
+import threading
+import time
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import bindparam, insert, or_, select, update
@@ -89,10 +92,19 @@ _GO_OFFLINE = (
 _RAW_GO_OFFLINE = BatchStatement(_GO_OFFLINE)
 
 
+def _event_row(t: Transition) -> dict[str, Any]:
+    return {
+        "b_pc": t.pc_id,
+        "b_from": t.from_state,
+        "b_to": t.to_state,
+        "b_reason": t.reason,
+        "b_at": t.at,
+    }
+
+
 def _event(session: Session, t: Transition) -> Transition:
     """Write the transition's power event, in the caller's transaction."""
-    row = {"b_pc": t.pc_id, "b_from": t.from_state, "b_to": t.to_state}
-    _INSERT_EVENT.execute(session.connection(), [{**row, "b_reason": t.reason, "b_at": t.at}])
+    _INSERT_EVENT.execute(session.connection(), [_event_row(t)])
     return t
 
 
@@ -104,18 +116,26 @@ def set_offline_immediately(
     Returns the transition, or None when the PC was already offline for the same reason.
     Commits: the PC is going down and sends this once; the flip must be durable before the
     answer and before it is published on the bus (the agent fast path has no request
-    transaction).
+    transaction). The server sends its signals through SignalWriter, which commits many at once.
     """
+    t = go_offline(session, machine_id, reason, now)
+    session.commit()
+    return t
+
+
+def go_offline(
+    session: Session, machine_id: str, reason: str, now: dt.datetime
+) -> Transition | None:
+    """set_offline_immediately's writes, in the caller's transaction (the caller commits)."""
     # The hot path runs on the driver's cursor (db.BatchStatement): the same SQL and values
     # SQLAlchemy would send, without its per-statement work (bench/shutdown_latency.py).
     conn = session.connection()
     for _ in range(2):  # a second time if it came back online between our two statements
         moved = _RAW_GO_OFFLINE.fetch(conn, {"b_mid": machine_id, "b_reason": reason, "b_now": now})
         if moved:
-            t = Transition(moved[0][0], PcState.ONLINE, PcState.OFFLINE, reason, now)
-            _event(session, t)
-            session.commit()
-            return t
+            return _event(
+                session, Transition(moved[0][0], PcState.ONLINE, PcState.OFFLINE, reason, now)
+            )
         # Already offline: keep the freshest reason (a late "shutdown" after "lost" is the
         # truth). Both UPDATEs hold to an offline PC: one that came back meanwhile goes off.
         offline = (_PC.c.machine_id == machine_id, _PC.c.state == PcState.OFFLINE)
@@ -127,21 +147,115 @@ def set_offline_immediately(
             .returning(_PC.c.id)
         ).first()
         if changed is not None:
-            t = Transition(changed[0], PcState.OFFLINE, PcState.OFFLINE, reason, now)
-            _event(session, t)
-            session.commit()
-            return t
+            return _event(
+                session, Transition(changed[0], PcState.OFFLINE, PcState.OFFLINE, reason, now)
+            )
         same = conn.execute(
             update(_PC).where(*offline).values(last_seen=now).returning(_PC.c.id)
         ).first()
         if same is not None:
-            session.commit()
             return None
         known = conn.execute(select(_PC.c.id).where(_PC.c.machine_id == machine_id)).first()
         if known is None:
             break
-    session.rollback()
     return None
+
+
+@dataclass
+class _Signal:
+    machine_id: str
+    reason: str
+    at: dt.datetime
+    done: threading.Event = field(default_factory=threading.Event)
+    lead: bool = False  # handed the writing over: write the queue, this one's batch included
+    result: Transition | None = None
+    error: BaseException | None = None
+
+
+class SignalWriter:
+    """Group commit of shutdown signals: every signal is answered after its own commit, and
+    the signals that arrive while one commit waits for the disk share the next one.
+
+    The first caller with no write under way writes; on PostgreSQL it first lets every request
+    ready in the process reach this queue (a yield: `gather`), then writes all queued signals
+    in one transaction and commits once. Callers that find a write under way wait; when it ends
+    the writer hands the writing to the oldest of them (it answers its own PC at once, never
+    serving the queue for ever). Each PostgreSQL commit waits for a WAL flush, which blocks the
+    whole gevent worker (psycopg's waits are not cooperative here): one commit per signal held
+    1,000 signals a second to seconds of queueing (docs/PERFORMANCE.md). SQLite in WAL mode
+    does not flush at each commit; it writes one signal per commit, without the yield.
+
+    A failed transaction fails every signal in it (each caller then keeps its signal in the
+    journal, as before: services/agent.going_down).
+    """
+
+    def __init__(self, gather: bool) -> None:
+        self.gather = gather
+        self._lock = threading.Lock()
+        self._queue: list[_Signal] = []
+        self._writing = False
+        self.commits = 0  # transactions written, and the signals in them (/healthz, bench)
+        self.signals = 0
+
+    def go_offline(
+        self, session: Session, machine_id: str, reason: str, now: dt.datetime
+    ) -> Transition | None:
+        """set_offline_immediately, committed with whatever else is queued."""
+        mine = _Signal(machine_id, reason, now)
+        with self._lock:
+            self._queue.append(mine)
+            mine.lead = not self._writing
+            self._writing = True
+        if not mine.lead:
+            mine.done.wait()
+        if mine.lead:  # the first, or handed the writing over (mine is in the queue still)
+            self._write_queue(session)
+        if mine.error is not None:
+            raise mine.error
+        return mine.result
+
+    def _write_queue(self, session: Session) -> None:
+        if self.gather:
+            time.sleep(0)  # under gevent: the requests ready to run queue their signals too
+        with self._lock:
+            batch, self._queue = self._queue, []
+        try:
+            self._write(session, batch)
+            session.commit()
+            self.commits += 1
+            self.signals += len(batch)
+        except BaseException as exc:
+            with contextlib.suppress(Exception):  # the connection may be gone: close discards it
+                session.rollback()
+            for signal in batch:
+                signal.result, signal.error = None, exc
+        finally:
+            with self._lock:
+                if self._queue:  # arrived during the write: the oldest writes next
+                    self._queue[0].lead = True
+                    self._queue[0].done.set()
+                else:
+                    self._writing = False
+            for signal in batch:
+                signal.done.set()
+
+    @staticmethod
+    def _write(session: Session, batch: list[_Signal]) -> None:
+        """go_offline for every signal, in order, with two waits for the database for all the
+        ones that flip an online PC (the common case): their UPDATEs, then their events."""
+        conn = session.connection()
+        rows = [{"b_mid": g.machine_id, "b_reason": g.reason, "b_now": g.at} for g in batch]
+        flipped = _RAW_GO_OFFLINE.fetch_each(conn, rows)
+        for signal, moved in zip(batch, flipped, strict=True):
+            if moved:
+                signal.result = Transition(
+                    moved[0][0], PcState.ONLINE, PcState.OFFLINE, signal.reason, signal.at
+                )
+        events = [g.result for g in batch if g.result is not None]
+        _INSERT_EVENT.execute(conn, [_event_row(t) for t in events])
+        for signal, moved in zip(batch, flipped, strict=True):
+            if not moved:  # already offline (or unknown): the careful way, one by one
+                signal.result = go_offline(session, signal.machine_id, signal.reason, signal.at)
 
 
 def back_online_reason(pc: PcInfo, event: ClientEvent | None, boot_time: float | None) -> str:
