@@ -23,8 +23,10 @@ import shutil
 import signal
 import subprocess
 import tempfile
+import threading
 import time
 import uuid
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -309,6 +311,105 @@ def test_a_signal_during_an_outage_shows_off_once_the_database_returns(outage: O
         APPLY_BOUND,
     )
     assert "unhandled error" not in server.log()
+
+
+@pytest.mark.slow
+def test_two_nodes_ride_out_a_database_restart_under_load(outage: Outage) -> None:
+    """Issue 12, scenario 5: two nodes on the test's own cluster, 16 PCs heartbeating through
+    both; the cluster crashes and is started again 6 s later (longer than a PC's 4 s deadline).
+    Meanwhile four PCs send their shutdown signals. Both nodes serve again (healthy, notifier
+    connected, the same processes) within 10 s of the start; the four show `off`, every other
+    PC is online and none was ever `lost` (the heartbeats taken during the outage are written
+    once it ends); a command queued before the crash reaches its PCs once."""
+    slow = {
+        "WCMS_OFFLINE_AFTER": "4",
+        "WCMS_CHECK_INTERVAL": "0.5",
+        "WCMS_SECRET_KEY": uuid.uuid4().hex * 2,  # one secret for both nodes
+    }
+    a = outage.server("a", **slow)
+    # b takes up its kept signals late (its loop wakes every 2 s): the leader after the restart
+    # (most often a, which wakes every 0.5 s) must not judge b's PCs lost meanwhile.
+    b = outage.server(
+        "b", api_key=a.api_key, **{**slow, "WCMS_CHECK_INTERVAL": "2", "WCMS_FLUSH_INTERVAL": "2"}
+    )
+    pcs = started_online(a, 16)
+    leaving = pcs[8:12]
+    stop = threading.Event()
+    gone: set[str] = set()
+    statuses: Counter[int] = Counter()
+
+    def beat(n: int, pc: dict[str, Any]) -> None:
+        node = (a, b)[n % 2]
+        while not stop.is_set() and pc["machine_id"] not in gone:
+            node = b if node is a else a  # every PC reaches both nodes
+            try:
+                statuses[heartbeat(node, pc)[0]] += 1
+            except OSError:
+                statuses[0] += 1
+            stop.wait(0.5)
+
+    threads = [threading.Thread(target=beat, args=(n, pc)) for n, pc in enumerate(pcs)]
+    for t in threads:
+        t.start()
+    try:
+        time.sleep(1.5)  # both nodes have every PC's token in their caches
+        a.admin(
+            "POST",
+            "/api/commands",
+            {
+                "type": "message",
+                "target": {"pc_ids": [p["pc_id"] for p in pcs[:4]]},
+                "args": {"text": "before the crash"},
+            },
+        )
+        pids = {s.port: _pids(s) for s in (a, b)}
+
+        outage.down()
+        time.sleep(0.5)
+        for n, pc in enumerate(leaving):
+            gone.add(pc["machine_id"])
+            send_signal((a, b)[n % 2], pc)  # kept on the node's disk, answered within 2 s
+        time.sleep(5.5)  # down 6 s: longer than a PC's deadline (4 s)
+        outage.up()
+        back = time.monotonic()
+        for node in (a, b):
+            wait_for(
+                f"node on port {node.port} healthy and hearing the others",
+                lambda node=node: (
+                    (h := node.api("GET", "/healthz"))[0] == 200
+                    and h[1]["notifier"] == "connected"
+                    and h[1]["kept_shutdown_signals"] == 0
+                ),
+                10 - (time.monotonic() - back),
+            )
+        assert time.monotonic() - back < 10
+        assert {s.port: _pids(s) for s in (a, b)} == pids, "a node restarted"
+
+        for pc in leaving:
+            a.wait_pc(pc["machine_id"], timeout=APPLY_BOUND, status="off", reason="shutdown")
+        time.sleep(float(slow["WCMS_OFFLINE_AFTER"]) + 1)  # past every deadline once more
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(10)
+    staying = [pc for pc in pcs if pc not in leaving]
+    shown = {p["machine_id"]: p["status"] for p in a.pcs()}
+    assert {shown[pc["machine_id"]] for pc in staying} == {"online"}, shown
+    lost = outage.rows("SELECT count(*) FROM power_events WHERE reason = 'lost'")[0][0]
+    assert lost == 0, lost
+    for n, pc in enumerate(pcs[:4]):
+        node = (a, b)[n % 2]
+        path = f"/api/client/commands?machine_id={pc['machine_id']}&timeout=0"
+        status, answer = node.api("GET", path, token=pc["token"])
+        assert status == 200 and [c["type"] for c in answer["commands"]] == ["message"], answer
+    assert statuses[200] > 0, statuses
+    assert "unhandled error" not in a.log() + b.log()
+
+
+def _pids(server: LiveServer) -> list[int]:
+    assert server.proc is not None and server.proc.poll() is None
+    master = psutil.Process(server.proc.pid)
+    return sorted([master.pid, *(c.pid for c in master.children())])
 
 
 def test_signals_of_two_pcs_are_applied_in_the_order_they_arrived(outage: Outage) -> None:

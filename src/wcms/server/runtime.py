@@ -274,6 +274,12 @@ class Runtime:
         # only a few PCs call, they wait up to a second, so a batch is not a handful of rows.
         max_wait = max(FLUSH_MAX_WAIT, self.settings.flush_interval)
         db_away = False  # logged once per outage, not at every try
+        # After an outage nobody is judged lost for a while: the other processes and nodes
+        # first write the heartbeats they took meanwhile and replay the shutdown signals they
+        # kept (this process's own come first in tick()). Without it the leader marked `lost`
+        # a PC whose signal another node was about to replay (tests/security/test_db_outage.py).
+        grace = 2 * (self.presence.timing.check_interval + max_wait)
+        checks_from = 0.0
         while not self._stop.wait(
             min(self.settings.flush_interval, self.presence.timing.check_interval)
         ):
@@ -289,10 +295,12 @@ class Runtime:
                 if due or full:
                     last_flush = mono
                     # Every process writes its own buffer; one (the leader) checks for all.
-                    self.tick(utcnow(), check=due and self.lease.check())
+                    may_check = mono >= checks_from
+                    self.tick(utcnow(), check=due and self.lease.check() and may_check)
                     if db_away:
-                        log.warning("the database answers again")
+                        log.warning("the database answers again; no PC judged lost for %g s", grace)
                         db_away = False
+                        checks_from = time.monotonic() + grace
                 if mono >= next_prune:
                     next_prune = mono + PRUNE_EVERY
                     if self.lease.leading:
