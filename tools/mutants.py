@@ -387,8 +387,8 @@ GUARDS = [
     Guard(
         "lists-compared-with-db",
         "src/wcms/server/services/heartbeats.py",
-        """            disks_hash, procs_hash = stored.get(pc_id, (None, None))""",
-        """            disks_hash, procs_hash = None, None""",
+        "            held = stored.get(pc_id, (None, None))",
+        "            held = (None, None)",
         (
             "tests/server/test_heartbeat_writer.py::"
             "test_lists_another_process_wrote_are_replaced_and_unchanged_ones_not_rewritten",
