@@ -133,6 +133,19 @@ def database(tmp_path: Path) -> Iterator[Database]:
     db.drop()
 
 
+def read_status(sock: socket.socket) -> int:
+    """The HTTP status of the answer on a raw socket (tests that send requests byte by byte),
+    which is then closed."""
+    data = b""
+    while b"\r\n" not in data:
+        chunk = sock.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    sock.close()
+    return int(data.split(b" ", 2)[1])
+
+
 class ApiError(Exception):
     def __init__(self, status: int, body: Any) -> None:
         super().__init__(f"HTTP {status}: {body}")

@@ -15,7 +15,7 @@ from typing import Any
 
 import sqlalchemy
 
-from tests.conftest import PG_URL, LiveServer
+from tests.conftest import PG_URL, LiveServer, read_status
 from wcms.server.services.ratelimit import PIN_PER_ADDRESS
 
 
@@ -27,17 +27,6 @@ def _request(machine_id: str, pin: str) -> tuple[bytes, bytes]:
         f"Content-Length: {len(body)}\r\nConnection: close\r\n\r\n"
     ).encode()
     return head + body[:-1], body[-1:]
-
-
-def _status(sock: socket.socket) -> int:
-    data = b""
-    while b"\r\n" not in data:
-        chunk = sock.recv(4096)
-        if not chunk:
-            break
-        data += chunk
-    sock.close()
-    return int(data.split(b" ", 2)[1])
 
 
 def test_200_slow_bodies_at_once_get_no_more_tries_than_the_burst(live_server: LiveServer) -> None:
@@ -52,7 +41,7 @@ def test_200_slow_bodies_at_once_get_no_more_tries_than_the_burst(live_server: L
         pending.append((sock, last))
     for sock, last in pending:  # ...then all of them complete at once
         sock.sendall(last)
-    statuses = [_status(sock) for sock, _ in pending]
+    statuses = [read_status(sock) for sock, _ in pending]
     judged = statuses.count(403)
     assert statuses.count(429) + judged == 200, sorted(set(statuses))
     # The burst, plus at most one refill if the run took more than a refill interval.
@@ -109,7 +98,7 @@ def _race(server: LiveServer, tries: list[tuple[str, str, str]]) -> list[int]:
         pending.append((sock, last))
     for sock, last in pending:
         sock.sendall(last)
-    return [_status(sock) for sock, _ in pending]
+    return [read_status(sock) for sock, _ in pending]
 
 
 def test_a_live_pin_is_revoked_after_its_budget_of_wrong_pins_from_anywhere(

@@ -14,7 +14,15 @@ from pathlib import Path
 import pytest
 import sqlalchemy
 
-from tests.conftest import MACHINE_PG, PG_URL, Database, LiveServer, http, register_pc
+from tests.conftest import (
+    MACHINE_PG,
+    PG_URL,
+    Database,
+    LiveServer,
+    http,
+    read_status,
+    register_pc,
+)
 
 SIGNALS = 40
 
@@ -40,16 +48,6 @@ def _signal(pc: dict[str, str]) -> tuple[bytes, bytes]:
     return head + body[:-1], body[-1:]
 
 
-def _answer(sock: socket.socket) -> int:
-    data = b""
-    while b"\r\n" not in data:
-        chunk = sock.recv(4096)
-        if not chunk:
-            break
-        data += chunk
-    return int(data.split(b" ", 2)[1])
-
-
 def test_signals_that_arrive_together_share_commits_and_each_answer_follows_its_commit(
     pg_server: LiveServer,
 ) -> None:
@@ -73,8 +71,7 @@ def test_signals_that_arrive_together_share_commits_and_each_answer_follows_its_
     engine = sqlalchemy.create_engine(server.database.url)
     try:
         for sock, _last, pc in pending:
-            assert _answer(sock) == 200
-            sock.close()
+            assert read_status(sock) == 200
             # Answered: its flip is committed, seen from another connection at once.
             with engine.connect() as conn:
                 state = conn.execute(
