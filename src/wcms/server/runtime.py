@@ -295,7 +295,7 @@ class Runtime:
                 if due or full:
                     last_flush = mono
                     # Every process writes its own buffer; one (the leader) checks for all.
-                    may_check = mono >= checks_from
+                    may_check = not db_away and mono >= checks_from  # not in the first tick back
                     self.tick(utcnow(), check=due and self.lease.check() and may_check)
                     if db_away:
                         log.warning("the database answers again; no PC judged lost for %g s", grace)
