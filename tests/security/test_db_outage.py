@@ -641,3 +641,34 @@ def test_http_answers_503_not_500_when_the_database_is_away(
 def _flask(app: Flask, method: str, path: str, token: str) -> tuple[int, Any]:
     resp = app.test_client().open(path, method=method, headers={"Authorization": f"Bearer {token}"})
     return resp.status_code, resp.get_json()
+
+
+def test_heartbeats_taken_while_the_database_is_away_are_written_once_it_returns(
+    rt: Runtime,
+) -> None:
+    """A flush that cannot reach the database keeps its heartbeats for the next one, so a PC
+    that kept calling during an outage is written with its newest contact, not left to look
+    silent since before it."""
+    from wcms.server.schemas import HeartbeatRequest
+
+    pc_id = _online_pc(rt, "TEST-BUFFER-0001", T0)
+    rt.buffer.set_online(pc_id, True)
+    seen = T0 + dt.timedelta(seconds=20)
+    hb = HeartbeatRequest(machine_id="TEST-BUFFER-0001", cpu_percent=7.0)
+    rt.buffer.add(pc_id, hb, seen)
+    reachable = rt.engine
+    away = make_engine(f"postgresql://postgres@127.0.0.1:{free_port()}/nothing_listens")
+    rt.sessions.configure(bind=away)
+    try:
+        with rt.sessions() as s, pytest.raises(sqlalchemy.exc.OperationalError):
+            rt.buffer.flush(s, 30)
+    finally:
+        rt.sessions.configure(bind=reachable)
+        away.dispose()
+    assert rt.buffer.pending_count() == 1
+    with rt.sessions() as s:
+        rt.buffer.flush(s, 30)
+    with rt.sessions() as s:
+        pc = s.get(PcInfo, pc_id)
+        assert pc is not None
+        assert (pc.last_seen, pc.offline_after) == (seen, seen + dt.timedelta(seconds=30))
