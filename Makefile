@@ -8,7 +8,9 @@ STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 .PHONY: setup run test pytest test-wine lint demo bench screenshots mutants clean
 
 # The suite runs in TEST_WORKERS processes (pytest-xdist): most tests wait on real servers and
-# clients, not on the CPU, so more workers than cores pays. Tests marked `serial` measure latency
+# clients, not on the CPU, so more workers than cores pays. Worksteal: a worker that runs out of
+# tests takes half of a busy one's (the default hands out fixed shares: with a few 30-50 s tests
+# in one share, one worker ran alone for the last minute). Tests marked `serial` measure latency
 # under load and run alone afterwards.
 TEST_WORKERS ?= 6
 
@@ -47,7 +49,7 @@ test: lint pytest
 # The Windows client under Wine is its own run (make test-wine, CI's third step): it needs
 # Wine set up (tools/wine/setup.sh) and a few minutes of its own.
 pytest: setup
-	$(BIN)/pytest -n $(TEST_WORKERS) -m "not serial and not wine $(PYTEST_SELECT)" $(PYTEST_ARGS)
+	$(BIN)/pytest -n $(TEST_WORKERS) --dist worksteal -m "not serial and not wine $(PYTEST_SELECT)" $(PYTEST_ARGS)
 	$(BIN)/pytest -m "serial and not wine $(PYTEST_SELECT)" $(PYTEST_ARGS)
 
 # The Windows service, installer and install chain under Wine (tests/wine); fails, instead of

@@ -29,6 +29,13 @@ PG_URL = os.environ.get("WCMS_TEST_DATABASE_URL", "")
 # WCMS_TEST_DATABASE_URL) whatever the run's engine, since several nodes need PostgreSQL.
 MACHINE_PG = "postgresql://postgres@127.0.0.1:5432/test"
 ROOT = Path(__file__).resolve().parent.parent
+# Admin passwords at the least argon2id cost the server accepts (OWASP's: 0.03 s of CPU against
+# the default's 0.25 s), in this process and every server and command it starts: the suite
+# logs in a few hundred times. The tests of hashing itself (test_login_flood.py, test_web.py)
+# ask for the default.
+os.environ.update(
+    WCMS_ARGON2_MEMORY_KIB="19456", WCMS_ARGON2_TIME_COST="2", WCMS_ARGON2_PARALLELISM="1"
+)
 
 
 # Ports for test servers: each xdist worker has its own range, below the kernel's ephemeral
@@ -450,9 +457,18 @@ def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
     for item in items:
         if item.nodeid.startswith(DB_INCIDENTAL) or not DB_FIXTURES & set(item.fixturenames):
             item.add_marker(pytest.mark.no_database)
-    # The long tests first (a stable sort keeps each module together): pytest-xdist hands
-    # tests out in this order, and a 50 s test handed out last keeps one worker busy alone.
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    # The long tests first, shared out: `make test` runs pytest-xdist's worksteal scheduler,
+    # which gives worker k the k-th contiguous share of this list (and lets idle workers take
+    # from the end of busy ones' shares). Each share starts with every n-th long test, so no
+    # worker starts a 40 s test near the end; the others stay in order, so each module's tests
+    # stay together (and start few module-scoped servers).
+    workers = int(getattr(config, "workerinput", {}).get("workercount", 1))
+    slow = [item for item in items if item.get_closest_marker("slow")]
+    rest = [item for item in items if not item.get_closest_marker("slow")]
+    shares = [slow[k::workers] for k in range(workers)]
+    for k in range(workers):
+        shares[k] += rest[len(rest) * k // workers : len(rest) * (k + 1) // workers]
+    items[:] = [item for share in shares for item in share]
 
 
 def pytest_terminal_summary(terminalreporter: Any, exitstatus: int, config: Any) -> None:

@@ -128,8 +128,13 @@ def _parser() -> argparse.ArgumentParser:
 def _settings(**overrides: Any) -> Any:
     """The settings, with the flags given; a bad value is a ConfigError, which main() prints."""
     from wcms.server.config import load_settings
+    from wcms.server.services import accounts
 
-    return load_settings({k: v for k, v in overrides.items() if v is not None})
+    settings = load_settings({k: v for k, v in overrides.items() if v is not None})
+    accounts.configure_hashing(
+        settings.argon2_memory_kib, settings.argon2_time_cost, settings.argon2_parallelism
+    )
+    return settings
 
 
 @contextmanager

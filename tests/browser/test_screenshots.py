@@ -149,6 +149,7 @@ def add_history(server: LiveServer, pc_id: int) -> None:
         engine.dispose()
 
 
+@pytest.mark.slow
 def test_screenshots_of_overview_room_pc_and_layout(dash: Dashboard, lab: dict[str, Any]) -> None:
     server = dash.server
     page = dash.page

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import re
 
+import pytest
 from flask import Flask
 
 from tests.conftest import LiveServer, register_pc
 
 
+@pytest.mark.slow
 def test_presence_mode_changes_reach_clients_on_their_next_answer(live_server: LiveServer) -> None:
     pc = register_pc(live_server)
     data = live_server.admin("PUT", "/api/settings", {"presence_mode": "fast"})

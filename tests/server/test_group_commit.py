@@ -48,6 +48,7 @@ def _signal(pc: dict[str, str]) -> tuple[bytes, bytes]:
     return head + body[:-1], body[-1:]
 
 
+@pytest.mark.slow
 def test_signals_that_arrive_together_share_commits_and_each_answer_follows_its_commit(
     pg_server: LiveServer,
 ) -> None:

@@ -11,6 +11,7 @@ import pytest
 from sqlalchemy.orm import Session
 
 from wcms.protocol import PIN_LENGTH
+from wcms.server.config import ConfigError, load_settings
 from wcms.server.db import utcnow
 from wcms.server.runtime import Runtime
 from wcms.server.services import accounts
@@ -273,12 +274,36 @@ def test_every_key_the_pages_use_is_in_the_catalog() -> None:
 
 
 def test_an_unknown_name_costs_a_hash_with_the_real_parameters() -> None:
-    """The hash verified for an unknown user name is a constant: it must cost what a real
-    admin's hash costs (the same argon2 parameters), or timing would tell which names exist."""
+    """The hash verified for an unknown user name must cost what a real admin's hash costs (the
+    same argon2 parameters), or timing would tell which names exist: at the default cost (a
+    constant) and at another one (made on first need)."""
     from argon2 import PasswordHasher
 
     assert not PasswordHasher().check_needs_rehash(accounts.DUMMY_HASH)
-    assert not accounts.password_matches(accounts.DUMMY_HASH, "a long test password")
+    try:
+        for cost in [(65536, 3, 4), (19456, 2, 1), (32768, 2, 2)]:
+            accounts.configure_hashing(*cost)
+            hasher = PasswordHasher(memory_cost=cost[0], time_cost=cost[1], parallelism=cost[2])
+            assert not hasher.check_needs_rehash(accounts.dummy_hash()), cost
+            assert not hasher.check_needs_rehash(accounts.hash_password("a long password")), cost
+            assert not accounts.password_matches(accounts.dummy_hash(), "a long test password")
+    finally:
+        settings = load_settings()
+        accounts.configure_hashing(
+            settings.argon2_memory_kib, settings.argon2_time_cost, settings.argon2_parallelism
+        )
+
+
+def test_argon2_cost_below_owasps_least_is_refused() -> None:
+    floor = {"argon2_memory_kib": 19456, "argon2_time_cost": 2, "argon2_parallelism": 1}
+    assert load_settings(floor).argon2_memory_kib == 19456
+    for name, value, message in [
+        ("argon2_memory_kib", 19455, "WCMS_ARGON2_MEMORY_KIB=19455"),
+        ("argon2_time_cost", 1, "WCMS_ARGON2_TIME_COST=1"),
+        ("argon2_parallelism", 0, "WCMS_ARGON2_PARALLELISM=0"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            load_settings({**floor, name: value})
 
 
 def test_the_pin_help_names_the_protocols_pin_length(client: Any, alice: None) -> None:

@@ -20,6 +20,7 @@ from wcms.server.fastpath import AgentFastPath
 from wcms.server.headers import security_headers
 from wcms.server.runtime import Runtime
 from wcms.server.schemas import BIDI_CONTROLS, strip_bidi, strip_bidi_json
+from wcms.server.services import accounts as account_rules
 from wcms.server.services import secretbox
 from wcms.server.services.heartbeats import HeartbeatBuffer
 
@@ -30,6 +31,9 @@ def create_app(config: dict[str, Any] | Settings | None = None) -> Flask:
     """Build the app: defaults, then WCMS_* variables, then `config` (a mapping or Settings)."""
     settings = config if isinstance(config, Settings) else load_settings(config)
     prepare_data_dir(settings)
+    account_rules.configure_hashing(
+        settings.argon2_memory_kib, settings.argon2_time_cost, settings.argon2_parallelism
+    )
     app = Flask(__name__, static_folder="web/static", template_folder="web/templates")
     secret = ensure_secret_key(settings)
     app.config.update(

@@ -16,6 +16,10 @@ from wcms.protocol import PRESETS, PresenceMode, PresenceTiming
 _PUBLIC_URL = re.compile(r"^https?://[A-Za-z0-9.\-]+(?::[0-9]{1,5})?(?:/[A-Za-z0-9._~\-/]*)?$")
 
 
+# OWASP's least recommended argon2id cost (memory in KiB, passes), with one lane.
+ARGON2_FLOOR = (19456, 2)
+
+
 class ConfigError(ValueError):
     """A setting has a value the server cannot use; the message names it."""
 
@@ -49,6 +53,13 @@ class Settings:
     # Password hashing (argon2) runs in a thread this much nicer than request handling, so a
     # login flood cannot slow the shutdown signal (0 to 19; 0: no lower than the requests).
     hash_nice: int = 10
+    # argon2id's cost for admin passwords. The default is argon2-cffi's (64 MiB, 3 passes, 4
+    # lanes: about 0.2 s of CPU); a small server may go down to OWASP's least recommended
+    # setting (19 MiB, 2 passes, 1 lane: about 0.03 s), never below it. A hash keeps its own
+    # parameters, so a change applies to passwords set (or logged in with) afterwards.
+    argon2_memory_kib: int = 65536
+    argon2_time_cost: int = 3
+    argon2_parallelism: int = 4
     header_timeout: float = 10.0
     body_timeout: float = 30.0
     # Worker processes of `wcms server run` (0: one per core on PostgreSQL, one on SQLite,
@@ -124,6 +135,16 @@ def load_settings(overrides: dict[str, Any] | None = None) -> Settings:
         raise ConfigError("WCMS_PIN_WRONG_TRIES must be at least 1")
     if not 0 <= settings.hash_nice <= 19:
         raise ConfigError(f"WCMS_HASH_NICE={settings.hash_nice} is not between 0 and 19")
+    if settings.argon2_memory_kib < ARGON2_FLOOR[0] or settings.argon2_time_cost < ARGON2_FLOOR[1]:
+        raise ConfigError(
+            f"WCMS_ARGON2_MEMORY_KIB={settings.argon2_memory_kib}, WCMS_ARGON2_TIME_COST="
+            f"{settings.argon2_time_cost}: below OWASP's least recommended argon2id cost "
+            f"({ARGON2_FLOOR[0]} KiB, {ARGON2_FLOOR[1]} passes)"
+        )
+    if not 1 <= settings.argon2_parallelism <= 16:
+        raise ConfigError(
+            f"WCMS_ARGON2_PARALLELISM={settings.argon2_parallelism} is not between 1 and 16"
+        )
     if settings.workers < 0:
         raise ConfigError(f"WCMS_WORKERS={settings.workers} is not a number of processes")
     if settings.workers > 1 and settings.on_sqlite:

@@ -26,13 +26,40 @@ _hasher = PasswordHasher()
 USERNAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 MIN_PASSWORD = 10
 # Verified against when the username is unknown, so timing does not tell which names exist:
-# the hash of a random password nobody kept, made once with the hasher's parameters (a test
-# keeps them equal). A constant, because hashing one at import cost every server start and
-# every `wcms` command a quarter of a second.
+# the hash of a random password nobody kept, with the hasher's parameters (a test keeps them
+# equal). A constant for the default cost, because hashing one at import cost every server
+# start and every `wcms` command a quarter of a second; made once, on first need, for another.
 DUMMY_HASH = (
     "$argon2id$v=19$m=65536,t=3,p=4$7aHl/kqYEIagEgk+p7MsXA"
     "$JV2PZwdtFRMVvisRJO3ob8zq2xwlMZoxUm7LmQkxtwQ"
 )
+_dummy: list[str] = [DUMMY_HASH]
+
+
+def configure_hashing(memory_kib: int, time_cost: int, parallelism: int) -> None:
+    """Hash new passwords at this argon2id cost (the settings' argon2_*; config.py checks the
+    floor). Logins rehash a password kept at another cost."""
+    global _hasher
+    if (memory_kib, time_cost, parallelism) == (
+        _hasher.memory_cost,
+        _hasher.time_cost,
+        _hasher.parallelism,
+    ):
+        return
+    _hasher = PasswordHasher(time_cost=time_cost, memory_cost=memory_kib, parallelism=parallelism)
+    _dummy[:] = [DUMMY_HASH] if not _hasher.check_needs_rehash(DUMMY_HASH) else []
+
+
+def hash_password(password: str) -> str:
+    """`password` hashed at the configured cost (pure CPU: 0.03-0.25 s)."""
+    return _hasher.hash(password)
+
+
+def dummy_hash() -> str:
+    """A hash at the current cost of a password nobody knows."""
+    if not _dummy:
+        _dummy.append(_hasher.hash(secrets.token_urlsafe(24)))
+    return _dummy[0]
 
 
 Runner = Callable[..., Any]
@@ -64,7 +91,7 @@ def create_admin(session: Session, username: str, password: str, now: dt.datetim
     validate_new_password(password)
     if session.execute(select(Admin.id).where(Admin.username == username)).first():
         raise Conflict(f"admin {username!r} already exists")
-    admin = Admin(username=username, password_hash=_hasher.hash(password), created_at=now)
+    admin = Admin(username=username, password_hash=hash_password(password), created_at=now)
     session.add(admin)
     session.flush()
     return admin
@@ -77,7 +104,7 @@ def set_password(
     caller's own, when admins change their own password). Answers how many ended. Caller
     commits."""
     validate_new_password(password)
-    admin.password_hash = _hasher.hash(password)
+    admin.password_hash = hash_password(password)
     return end_sessions(session, admin.id, keep=keep_session)
 
 
@@ -113,6 +140,11 @@ def password_matches(password_hash: str, password: str) -> bool:
         return False
 
 
+def _nobody(password: str) -> bool:
+    """The work of checking `password` for an admin who does not exist (always False)."""
+    return password_matches(dummy_hash(), password) and False
+
+
 def authenticate(
     session: Session, username: str, password: str, run: Runner = _inline
 ) -> Admin | None:
@@ -124,13 +156,14 @@ def authenticate(
     found = session.execute(select(Admin.id, Admin.password_hash).where(Admin.username == username))
     row = found.first()
     session.rollback()
-    if not run(password_matches, row.password_hash if row else DUMMY_HASH, password):
+    checked = run(password_matches, row.password_hash, password) if row else run(_nobody, password)
+    if not checked:
         return None
     admin = session.get(Admin, row.id) if row else None
     if admin is None or not admin.is_active:
         return None
     if _hasher.check_needs_rehash(admin.password_hash):
-        admin.password_hash = run(_hasher.hash, password)
+        admin.password_hash = run(hash_password, password)
     return admin
 
 
