@@ -16,6 +16,7 @@ import gc
 import json
 import os
 import platform
+import secrets
 import shutil
 import signal
 import socket
@@ -132,13 +133,21 @@ class Server:
         env: dict[str, str] | None = None,
         cores: set[int] | None = None,
         keep: bool = False,
+        peer: Server | None = None,
     ) -> None:
+        """`peer`: another node of the same database (PostgreSQL) and secret, started first;
+        this one shares its schema and API key and leaves the schema to it to drop."""
         self.tmp = Path(tempfile.mkdtemp(prefix="wcms-bench-"))
         self.data_dir = self.tmp / "data"
         self.data_dir.mkdir()
         self.pg_url = database_url
-        self.schema = f"bench_{uuid.uuid4().hex[:12]}" if database_url else None
-        if database_url:
+        self.peer = peer
+        self.schema = f"bench_{uuid.uuid4().hex[:12]}" if database_url and not peer else None
+        if peer is not None:
+            if not peer.pg_url:
+                raise ValueError("several nodes need PostgreSQL (--database-url)")
+            self.url = peer.url
+        elif database_url:
             _pg(database_url, f'CREATE SCHEMA "{self.schema}"')
             sep = "&" if "?" in database_url else "?"
             self.url = f"{database_url}{sep}options=-csearch_path%3D{self.schema}"
@@ -156,6 +165,8 @@ class Server:
             "WCMS_HOST": HOST,
             "WCMS_PORT": str(self.port),
             "PYTHONUNBUFFERED": "1",
+            # Every node of one database needs the same secret (one node: any will do).
+            "WCMS_SECRET_KEY": peer.env["WCMS_SECRET_KEY"] if peer else secrets.token_urlsafe(32),
             **(env or {}),
         }
         self.proc: subprocess.Popen[bytes] | None = None
@@ -166,8 +177,21 @@ class Server:
     def database(self) -> str:
         return "postgresql" if self.pg_url else "sqlite"
 
+    def kill(self) -> None:
+        """kill -9 the node: its master and workers at once, nothing said to anyone."""
+        procs = self.processes()
+        for proc in procs:
+            with contextlib.suppress(psutil.NoSuchProcess):
+                proc.kill()
+        assert self.proc is not None
+        self.proc.wait(5)
+
     def _prepare(self) -> None:
-        """Migrate and create an admin API key in-process, as the tests do."""
+        """Migrate and create an admin API key in-process, as the tests do (a peer's node:
+        its key)."""
+        if self.peer is not None:
+            self.api_key = self.peer.api_key
+            return
         from wcms.server import migrate
         from wcms.server.db import make_engine, make_sessionmaker, utcnow
         from wcms.server.services import accounts

@@ -9,12 +9,15 @@ the moment its poll answer carrying the command has been read. Clients then ackn
 report a result, as the real client does (that traffic competes with the remaining deliveries).
 
     .venv/bin/python bench/bulk_command.py                  # 1,000 clients, 3 rounds
+    .venv/bin/python bench/bulk_command.py --nodes 2 \
+        --database-url postgresql://postgres@127.0.0.1:5432/test   # split over two nodes
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import sys
 import time
@@ -52,9 +55,9 @@ class Fleet:
     def error(self, what: str) -> None:
         self.errors[what] = self.errors.get(what, 0) + 1
 
-    async def client(self, mid: str, token: str, first: float) -> None:
+    async def client(self, mid: str, token: str, first: float, port: int) -> None:
         loop = asyncio.get_running_loop()
-        conn = Conn(self.port, keep_alive=False)
+        conn = Conn(port, keep_alive=False)
         steady = "/api/client/commands?" + urlencode({"machine_id": mid})
         path = "/api/client/commands?" + urlencode({"machine_id": mid, "timeout": f"{first:.2f}"})
         body = json.dumps({"machine_id": mid}).encode()
@@ -125,15 +128,26 @@ async def main_async(args: argparse.Namespace) -> int:
     server_cores, load_cores = plan_cores(not args.no_pin)
     pin_self(load_cores)
     info = machine()
-    with Server(args.database_url, server_env(args.env), server_cores, args.keep) as server:
+    env = server_env(args.env)
+    if args.nodes > 1:
+        env = {"WCMS_WORKERS": "1", **env}  # a node is one process here
+    with contextlib.ExitStack() as stack:
+        server = stack.enter_context(Server(args.database_url, env, server_cores, args.keep))
+        nodes = [server] + [
+            stack.enter_context(Server(args.database_url, env, server_cores, args.keep, server))
+            for _ in range(args.nodes - 1)
+        ]
         creds = await register_pcs(server, args.clients, uuid.uuid4().hex[:6])
         _s, answer = await get_json(
             server.port, "/api/client/heartbeat", creds[0][1], {"machine_id": creds[0][0]}
         )
         cycle = float(answer["config"]["poll_timeout"])
         fleet = Fleet(server.port, not args.no_ack)
+        # Client i polls node i mod N; the admin sends through the first node.
         tasks = [
-            asyncio.create_task(fleet.client(mid, tok, cycle * (i + 1) / len(creds)))
+            asyncio.create_task(
+                fleet.client(mid, tok, cycle * (i + 1) / len(creds), nodes[i % len(nodes)].port)
+            )
             for i, (mid, tok) in enumerate(creds)
         ]
         t0 = time.monotonic()
@@ -143,12 +157,12 @@ async def main_async(args: argparse.Namespace) -> int:
         rounds = []
         server.start_profile(args.profile)
         for r in range(args.rounds):
-            cpu0 = server.cpu_seconds()
+            cpu0 = sum(node.cpu_seconds() for node in nodes)
             with generator_gc_paused():
                 one = await send_round(
                     server, fleet, f"bench-{r}-{uuid.uuid4().hex[:6]}", len(creds), 30
                 )
-            one["server_cpu_s"] = round(server.cpu_seconds() - cpu0, 2)
+            one["server_cpu_s"] = round(sum(node.cpu_seconds() for node in nodes) - cpu0, 2)
             rounds.append(one)
             lat = one["latency_ms"]
             print(
@@ -163,7 +177,7 @@ async def main_async(args: argparse.Namespace) -> int:
         for t in tasks:
             t.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
-        tracebacks = server.errors_in_log()
+        tracebacks = sum(node.errors_in_log() for node in nodes)
     everyone = [x for got in fleet.received.values() for x in got]
     met = all(one["met"] for one in rounds) and not fleet.errors
     figures = {
@@ -172,6 +186,7 @@ async def main_async(args: argparse.Namespace) -> int:
         "server_cores": sorted(server_cores or []),
         "load_cores": sorted(load_cores or []),
         "clients": args.clients,
+        "nodes": args.nodes,
         "poll_timeout_s": cycle,
         "ack_and_result": not args.no_ack,
         "rounds": rounds,
@@ -183,7 +198,8 @@ async def main_async(args: argparse.Namespace) -> int:
     }
     allr = figures["all_rounds_ms"]
     print(
-        f"bulk command, {server.database}, {args.clients} long-polling clients, "
+        f"bulk command, {server.database}, {args.clients} long-polling clients on "
+        f"{args.nodes} node(s), "
         f"{args.rounds} rounds: p50 {allr.get('p50')} ms  p99 {allr.get('p99')} ms  "
         f"max {allr.get('max')} ms; errors {fleet.errors or 'none'}; "
         f"target p99 < 1 s: {'MET' if met else 'MISSED'}"
@@ -199,10 +215,19 @@ def main() -> int:
     p.add_argument("--pause", type=float, default=5, help="seconds between rounds (default 5)")
     p.add_argument("--settle", type=float, default=3, help="seconds before the first round")
     p.add_argument("--no-ack", action="store_true", help="clients do not ack or report results")
+    p.add_argument(
+        "--nodes",
+        type=int,
+        default=1,
+        help="server nodes on one PostgreSQL database, one process each; the clients are split "
+        "evenly, the admin sends through the first (default 1)",
+    )
     common_args(p)
     args = p.parse_args()
     if not 1 <= args.clients <= 5000 or not 1 <= args.rounds <= 20:
         p.error("--clients: 1 to 5,000; --rounds: 1 to 20")
+    if not 1 <= args.nodes <= 4 or (args.nodes > 1 and not args.database_url):
+        p.error("--nodes: 1 to 4; more than one needs PostgreSQL (--database-url)")
     return asyncio.run(main_async(args))
 
 

@@ -138,7 +138,7 @@ class Runtime:
     doorbell: Doorbell = field(default_factory=Doorbell)  # wakes command long polls per PC
     outbox: Outbox = field(default_factory=Outbox)  # fresh commands for woken polls
     tokens: TokenCache = field(default_factory=TokenCache)
-    _stop: threading.Event = field(default_factory=threading.Event)
+    _stop: threading.Event = field(default_factory=lambda: threading.Event())  # gevent's, later
     _thread: threading.Thread | None = None
     # Shutdown signals the database could not take, kept on disk until it answers again.
     spool: ShutdownJournal = field(init=False)
