@@ -235,11 +235,21 @@ SIMULATED = 200
 REAL = 3
 
 
+def read(node: LiveServer, path: str) -> Any:
+    """An admin GET with room for a slow moment (30 s) of the one node left serving 203 PCs."""
+    status, body = node.api("GET", path, token=node.api_key, timeout=30)
+    assert status == 200, body
+    return body
+
+
 def seen_at(iso: str) -> float:
     """Epoch seconds of an ISO time the API answers ("...Z")."""
     return dt.datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
 
 
+# Timing bounds with 203 clients on one surviving process: measured alone (in the parallel phase,
+# with five other test processes on two cores, the survivor once took over 10 s to answer).
+@pytest.mark.serial
 def test_kill_9_a_node_under_200_simulated_and_3_real_clients_with_a_bulk_command_in_flight(
     tmp_path: Path,
 ) -> None:
@@ -247,7 +257,7 @@ def test_kill_9_a_node_under_200_simulated_and_3_real_clients_with_a_bulk_comman
     nodes through HAProxy; a `run` command to all 203 is sent through the leader node A and, with
     part of it acknowledged and running, A is killed with SIGKILL. Every PC is in contact through
     B within one heartbeat interval + 5 s of the kill, none is ever shown lost (sampled every
-    0.25 s, and no `lost` event), the leader moves to B within one check interval (plus the
+    0.5 s, and no `lost` event), the leader moves to B within one check interval (plus the
     moment PostgreSQL takes to see A's connection gone), and every PC runs the command exactly
     once: no command lost, none run twice. (The simulated PCs work 1-5 s on it, so most results
     are due after the kill, and those sent to A as it died are sent again, to B.)"""
@@ -286,8 +296,8 @@ def test_kill_9_a_node_under_200_simulated_and_3_real_clients_with_a_bulk_comman
             watching = threading.Event()
 
             def watch() -> None:
-                while not watching.wait(0.25):
-                    for p in survivor.pcs():
+                while not watching.wait(0.5):
+                    for p in read(survivor, "/api/pcs")["pcs"]:
                         if p["state"] != "online":
                             seen_off.append((time.monotonic(), p["machine_id"], p["state"]))
                         at = seen_at(p["last_seen"])
@@ -310,7 +320,7 @@ def test_kill_9_a_node_under_200_simulated_and_3_real_clients_with_a_bulk_comman
             )
             deadline = time.monotonic() + 20
             while True:  # in flight: taken on by most, finished by few
-                counts = survivor.admin("GET", f"/api/batches/{batch['id']}")["counts"]
+                counts = read(survivor, f"/api/batches/{batch['id']}")["counts"]
                 if counts["running"] + counts["succeeded"] >= 100:
                     break
                 assert time.monotonic() < deadline, counts
@@ -322,17 +332,17 @@ def test_kill_9_a_node_under_200_simulated_and_3_real_clients_with_a_bulk_comman
 
             deadline = time.monotonic() + 60
             while True:
-                view = survivor.admin("GET", f"/api/batches/{batch['id']}")
+                view = read(survivor, f"/api/batches/{batch['id']}")
                 if view["finished"]:
                     break
                 assert time.monotonic() < deadline, view["counts"]
-                time.sleep(0.25)
+                time.sleep(0.5)
             finished_after = time.monotonic() - killed_at
             time.sleep(beat)  # one more heartbeat round for everyone, watched
             watching.set()
             watcher.join(10)
 
-            by_id = {p["id"]: p for p in survivor.pcs()}
+            by_id = {p["id"]: p for p in read(survivor, "/api/pcs")["pcs"]}
             states = Counter(p["state"] for p in by_id.values())
             assert states == Counter({"online": SIMULATED + REAL}), states
             assert not seen_off, seen_off[:10]
