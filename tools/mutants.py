@@ -454,6 +454,23 @@ GUARDS = [
         "    pass",
         ("tests/server/test_web.py::test_an_unknown_name_costs_a_hash_with_the_real_parameters",),
     ),
+    Guard(
+        "idle-mark-needs-listener",
+        "src/wcms/server/services/agent.py",
+        "        idle = rt.doorbell.is_idle(who.pc_id) and rt.notifier.trusted",
+        "        idle = rt.doorbell.is_idle(who.pc_id)",
+        (f"{NODES}::test_a_poll_does_not_believe_an_idle_mark_while_the_listener_is_away",),
+    ),
+    Guard(
+        "idle-mark-expires",
+        "src/wcms/server/services/doorbell.py",
+        "        return marked is not None and time.monotonic() - marked < IDLE_TTL",
+        "        return marked is not None",
+        (
+            "tests/server/test_commands_api.py::"
+            "test_an_idle_mark_is_believed_for_idle_ttl_seconds_at_most",
+        ),
+    ),
 ]
 
 

@@ -291,6 +291,20 @@ def test_doorbell_idle_mark_is_ignored_when_a_command_raced_the_check() -> None:
     assert not bell.is_idle(7)
 
 
+def test_an_idle_mark_is_believed_for_idle_ttl_seconds_at_most(monkeypatch: Any) -> None:
+    """A lost wake-up from another process delays a command by IDLE_TTL at most."""
+    from wcms.server.services import doorbell
+
+    clock = [1000.0]
+    monkeypatch.setattr(doorbell.time, "monotonic", lambda: clock[0])
+    bell = doorbell.Doorbell()
+    bell.mark_idle(7, bell.rings(7))
+    clock[0] += doorbell.IDLE_TTL - 1
+    assert bell.is_idle(7)
+    clock[0] += 2
+    assert not bell.is_idle(7)
+
+
 def test_a_windows_crash_code_and_nul_in_output_are_kept_not_refused(
     live_server: LiveServer,
 ) -> None:

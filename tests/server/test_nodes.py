@@ -308,3 +308,58 @@ class EventStream:
                 if wanted(message):
                     return message
         raise AssertionError(f"not seen in {timeout} s; saw {seen}")
+
+
+def test_a_poll_does_not_believe_an_idle_mark_while_the_listener_is_away(
+    tmp_path: Path,
+) -> None:
+    """A command queued through another node wakes this one's polls by NOTIFY. While this
+    process's LISTEN connection is down (`trusted` is False) such a wake-up can be lost, so a
+    PC's "nothing open" mark must not be believed: the poll looks in the database. (While the
+    listener is up the mark is believed, which is what saves the database a query per poll.)"""
+    from wcms.protocol import CommandType
+    from wcms.server.db import utcnow
+    from wcms.server.schemas import PollQuery, RegisterRequest
+    from wcms.server.services import agent, command_queue, pc_service
+
+    data = tmp_path / "data"
+    data.mkdir()
+    database = Database(data, pg_url=PG_URL or MACHINE_PG)
+    try:
+        database.migrate()
+        app = _app(database, tmp_path / "node")
+        rt = app.extensions["wcms"]  # type: ignore[attr-defined]
+        with rt.sessions() as s:
+            req = RegisterRequest.model_validate(
+                {"pin": "000000", "machine_id": "TEST-IDLE-MARK-0001", "hostname": "pc1"}
+            )
+            pc, _token, _t = pc_service.register(s, req, utcnow(), offline_after=35, approve=True)
+            s.commit()
+            who = agent.PcIdentity(pc.id, pc.machine_id)
+        query = PollQuery(machine_id=who.machine_id, timeout=0)
+
+        def poll() -> list[dict[str, Any]]:
+            with rt.sessions() as s:
+                found = agent.wait_for_commands(rt, lambda: s, who, query, None)
+                s.commit()
+                return found
+
+        assert poll() == [] and rt.doorbell.is_idle(who.pc_id)
+        with rt.sessions() as s:  # as another node would: committed, its NOTIFY lost on the way
+            command_queue.queue(
+                s,
+                actor="alice",
+                kind=CommandType.MESSAGE,
+                args={"text": "hello"},
+                target=command_queue.Target(pc_ids=(who.pc_id,)),
+                now=utcnow(),
+                server_secret=rt.secret_key,
+            )
+            s.commit()
+        assert rt.notifier.trusted and poll() == []  # the mark believed: no ring came
+        rt.notifier.channel = "wcms_listening_but_disconnected"  # started, connection down
+        assert not rt.notifier.trusted
+        assert [c["type"] for c in poll()] == ["message"]
+        rt.engine.dispose()
+    finally:
+        database.drop()
