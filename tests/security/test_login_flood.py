@@ -129,7 +129,9 @@ def test_shutdown_signal_answers_fast_with_24_logins_in_flight(make_server: Any)
         t.start()
     time.sleep(1.0)  # the flood fills the hashing queue (and the database pool grows to match)
     latencies = []
-    deadline = time.monotonic() + 5
+    # 8 s of signals, about 250: with the 130 of 5 s, "p99" was the second-worst value, and one
+    # stall of the machine alone decided the test (CI once saw p50 13 ms, p99 100.8 ms).
+    deadline = time.monotonic() + 8
     while time.monotonic() < deadline:
         latencies.append(shutdown_latency(server, pc))
         time.sleep(0.02)
