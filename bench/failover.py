@@ -76,7 +76,6 @@ class Fleet:
         self.interval = interval
         self.stop = asyncio.Event()
         self.answered: list[float] = []  # monotonic time of every answered request
-        self.last_ok: dict[str, float] = {}
         self.cut: dict[str, float] = {}  # clients with a request failed after the kill: when
         self.back: dict[str, float] = {}  # their first answered request sent after the kill
         self.killed_at: float | None = None
@@ -87,7 +86,6 @@ class Fleet:
         long poll is contact when it starts)."""
         now = time.monotonic()
         self.answered.append(now)
-        self.last_ok[mid] = now
         if mid in self.cut and self.killed_at is not None and sent >= self.killed_at:
             # The earliest sent: a long poll sent first may answer after a later heartbeat.
             self.back[mid] = min(self.back.get(mid, sent - self.killed_at), sent - self.killed_at)

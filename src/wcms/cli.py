@@ -131,9 +131,7 @@ def _settings(**overrides: Any) -> Any:
     from wcms.server.services import accounts
 
     settings = load_settings({k: v for k, v in overrides.items() if v is not None})
-    accounts.configure_hashing(
-        settings.argon2_memory_kib, settings.argon2_time_cost, settings.argon2_parallelism
-    )
+    accounts.configure_hashing(settings)
     return settings
 
 

@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy.orm import Session
 
 from wcms.protocol import PIN_LENGTH
-from wcms.server.config import ConfigError, load_settings
+from wcms.server.config import ConfigError, Settings, load_settings
 from wcms.server.db import utcnow
 from wcms.server.runtime import Runtime
 from wcms.server.services import accounts
@@ -282,16 +282,16 @@ def test_an_unknown_name_costs_a_hash_with_the_real_parameters() -> None:
     assert not PasswordHasher().check_needs_rehash(accounts.DUMMY_HASH)
     try:
         for cost in [(65536, 3, 4), (19456, 2, 1), (32768, 2, 2)]:
-            accounts.configure_hashing(*cost)
+            m, t, p = cost
+            accounts.configure_hashing(
+                Settings(argon2_memory_kib=m, argon2_time_cost=t, argon2_parallelism=p)
+            )
             hasher = PasswordHasher(memory_cost=cost[0], time_cost=cost[1], parallelism=cost[2])
             assert not hasher.check_needs_rehash(accounts.dummy_hash()), cost
             assert not hasher.check_needs_rehash(accounts.hash_password("a long password")), cost
             assert not accounts.password_matches(accounts.dummy_hash(), "a long test password")
     finally:
-        settings = load_settings()
-        accounts.configure_hashing(
-            settings.argon2_memory_kib, settings.argon2_time_cost, settings.argon2_parallelism
-        )
+        accounts.configure_hashing(load_settings())
 
 
 def test_argon2_cost_below_owasps_least_is_refused() -> None:

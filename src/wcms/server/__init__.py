@@ -31,9 +31,7 @@ def create_app(config: dict[str, Any] | Settings | None = None) -> Flask:
     """Build the app: defaults, then WCMS_* variables, then `config` (a mapping or Settings)."""
     settings = config if isinstance(config, Settings) else load_settings(config)
     prepare_data_dir(settings)
-    account_rules.configure_hashing(
-        settings.argon2_memory_kib, settings.argon2_time_cost, settings.argon2_parallelism
-    )
+    account_rules.configure_hashing(settings)
     app = Flask(__name__, static_folder="web/static", template_folder="web/templates")
     secret = ensure_secret_key(settings)
     app.config.update(

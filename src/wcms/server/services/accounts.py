@@ -10,7 +10,7 @@ import re
 import secrets
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
@@ -21,6 +21,9 @@ from wcms.protocol import PIN_LENGTH, TOKEN_PREFIX_APIKEY, ErrorCode
 from wcms.server.db import affected, table
 from wcms.server.models import Admin, AdminSession, ApiKey, RegistrationPin
 from wcms.server.services.errors import Conflict, Forbidden, Invalid
+
+if TYPE_CHECKING:
+    from wcms.server.config import Settings
 
 _hasher = PasswordHasher()
 USERNAME_RE = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
@@ -36,17 +39,14 @@ DUMMY_HASH = (
 _dummy: list[str] = [DUMMY_HASH]
 
 
-def configure_hashing(memory_kib: int, time_cost: int, parallelism: int) -> None:
-    """Hash new passwords at this argon2id cost (the settings' argon2_*; config.py checks the
-    floor). Logins rehash a password kept at another cost."""
+def configure_hashing(settings: Settings) -> None:
+    """Hash new passwords at the settings' argon2id cost (config.py checks the floor). Logins
+    rehash a password kept at another cost."""
     global _hasher
-    if (memory_kib, time_cost, parallelism) == (
-        _hasher.memory_cost,
-        _hasher.time_cost,
-        _hasher.parallelism,
-    ):
+    cost = (settings.argon2_memory_kib, settings.argon2_time_cost, settings.argon2_parallelism)
+    if cost == (_hasher.memory_cost, _hasher.time_cost, _hasher.parallelism):
         return
-    _hasher = PasswordHasher(time_cost=time_cost, memory_cost=memory_kib, parallelism=parallelism)
+    _hasher = PasswordHasher(memory_cost=cost[0], time_cost=cost[1], parallelism=cost[2])
     _dummy[:] = [DUMMY_HASH] if not _hasher.check_needs_rehash(DUMMY_HASH) else []
 
 
